@@ -1,0 +1,1 @@
+"""Runtime hooks: code that runs inside the engine process and exposes its weights to the sidecar."""

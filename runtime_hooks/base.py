@@ -1,0 +1,301 @@
+"""The runtime hook: one per engine rank, inside the engine process.
+
+It binds the rank's ZMQ socket, answers the sidecar from a background thread, and blocks the engine
+in `run_until_ready` until the sidecar's verdict: load from storage (source) or weights ready
+(target). Adapter calls (load, prepare, refresh) run on the engine's own thread, never on the
+socket thread. Nothing here imports a transfer library: all of that lives in the sidecar.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+import zmq
+
+from runtime_hooks.exposure import ModelIdentity, build_manifest, compute_fingerprint
+from sidecar.config import Config, rank_address
+from sidecar.protocol import (
+    PROTOCOL_VERSION,
+    Manifest,
+    ProtocolError,
+    Reply,
+    Request,
+    State,
+    decode_request,
+    encode,
+)
+
+log = logging.getLogger("mx.hook")
+
+Outcome = Literal["received", "loaded", "loaded_without_sidecar"]
+_ENGINE_OPS = ("prepare_target", "load_from_storage", "weights_ready", "abort")
+
+__all__ = ["EngineAdapter", "HookError", "ModelIdentity", "Outcome", "RankHook"]
+
+
+class EngineAdapter(Protocol):
+    """The one seam an engine implements. Every method runs on the engine's thread."""
+
+    def identity(self) -> ModelIdentity: ...
+
+    def discover_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor the engine holds now (parameters, buffers, tensor attributes ...)."""
+        ...
+
+    def prepare_target(self) -> None:
+        """Target: bring dummy weights into the final layout (the same post-processing a source runs)."""
+        ...
+
+    def load_from_storage(self) -> None:
+        """Source, or fallback: read real weights from storage and post-process them."""
+        ...
+
+    def after_receive(self) -> None:
+        """The bytes landed and were verified: refresh host-side copies derived from them."""
+        ...
+
+    def reset_for_retry(self) -> None:
+        """A receive failed; `load_from_storage` comes next on possibly half-written tensors."""
+        ...
+
+
+class HookError(RuntimeError):
+    pass
+
+
+@dataclass
+class _Command:
+    identity: bytes
+    request: Request
+
+
+class RankHook:
+    """Serves one rank's manifest and takes the sidecar's verdict."""
+
+    def __init__(self, adapter: EngineAdapter, address: str | None = None, config: Config | None = None) -> None:
+        self._adapter = adapter
+        self._cfg = config or Config.from_env()
+        self._identity = adapter.identity()
+        self.rank = self._identity.tp_rank
+        self.address = rank_address(address or self._cfg.zmq_address, self.rank)
+        tensors = adapter.discover_tensors()
+        self._fingerprint = compute_fingerprint(self._identity, tensors)
+        self._lock = threading.Lock()
+        self._state: State = "waiting"
+        self._error = ""
+        self._manifest: Manifest = build_manifest(self._identity, self._fingerprint, tensors, expose=False)
+        self._last_contact: float | None = None
+        self._commands: queue.Queue[_Command | None] = queue.Queue()
+        self._ctx = zmq.Context.instance()
+        self._wake_addr = f"inproc://mx-hook-wake-{id(self)}"
+        self._replies: queue.Queue[tuple[bytes, Reply]] = queue.Queue()
+        self._wake_recv = self._ctx.socket(zmq.PULL)
+        self._wake_recv.bind(self._wake_addr)
+        self._wake_send = self._ctx.socket(zmq.PUSH)
+        self._wake_send.connect(self._wake_addr)
+        self._wake_lock = threading.Lock()
+        self._sock = self._bind()
+        self._closed = False
+        self._thread = threading.Thread(target=self._serve, name=f"mx-hook-{self.rank}", daemon=True)
+        self._thread.start()
+        log.info("rank %d: hook listening on %s (fingerprint %s)", self.rank, self.address, self._fingerprint[:12])
+
+    # ---------------------------------------------------------------- engine thread
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def run_until_ready(self, sidecar_timeout: float | None = None) -> Outcome:
+        """Block the engine until its weights are final. Returns how they got there.
+
+        Without any contact from a sidecar for `sidecar_timeout` seconds (also after a sidecar went
+        silent mid-way), the engine loads from storage itself: slower, never wrong.
+        """
+        timeout = sidecar_timeout if sidecar_timeout is not None else self._cfg.sidecar_timeout
+        if not (timeout > 0):
+            raise HookError("sidecar_timeout must be > 0")
+        t_start = time.monotonic()
+        while True:
+            last = self._last_contact if self._last_contact is not None else t_start
+            remaining = last + timeout - time.monotonic()
+            cmd = None
+            if remaining > 0:
+                try:
+                    # Wakes at once on a command; the 1 s cap only re-reads the contact clock.
+                    cmd = self._commands.get(timeout=min(remaining, 1.0))
+                except queue.Empty:
+                    continue
+            if cmd is None:
+                if self._closed:
+                    raise HookError("hook closed while waiting for a verdict")
+                return self._load_without_sidecar(timeout)
+            outcome = self._execute(cmd)
+            if outcome is not None:
+                return outcome
+
+    def _load_without_sidecar(self, timeout: float) -> Outcome:
+        contacted = self._last_contact is not None
+        log.warning(
+            "rank %d: %s for %.0fs; loading from storage without it",
+            self.rank, "sidecar went silent" if contacted else "no sidecar answered", timeout,
+        )
+        with self._lock:
+            was_receiving = self._state == "receiving"
+            self._state = "loading"
+        if was_receiving:
+            self._adapter.reset_for_retry()
+        self._adapter.load_from_storage()
+        self._expose()
+        self._set_state("ready")
+        return "loaded_without_sidecar"
+
+    def _execute(self, cmd: _Command) -> Outcome | None:
+        op, state = cmd.request.op, self._state
+        t0 = time.monotonic()
+        try:
+            if op == "prepare_target":
+                if state != "waiting":
+                    return self._reply_error(cmd, f"prepare_target in state {state}")
+                self._adapter.prepare_target()
+                self._expose()
+                self._set_state("receiving")
+                self._reply_ok(cmd)
+                log.info("rank %d: target prepared in %.2fs", self.rank, time.monotonic() - t0)
+                return None
+            if op == "load_from_storage":
+                if state not in ("waiting", "receiving"):
+                    return self._reply_error(cmd, f"load_from_storage in state {state}")
+                self._set_state("loading")
+                if state == "receiving":
+                    self._adapter.reset_for_retry()
+                self._adapter.load_from_storage()
+                self._expose()
+                self._set_state("ready")
+                self._reply_ok(cmd)
+                log.info("rank %d: loaded from storage in %.2fs", self.rank, time.monotonic() - t0)
+                return "loaded"
+            if op == "weights_ready":
+                if state != "receiving":
+                    return self._reply_error(cmd, f"weights_ready in state {state}")
+                self._adapter.after_receive()
+                self._set_state("ready")
+                self._reply_ok(cmd)
+                log.info("rank %d: weights received and verified; engine continues", self.rank)
+                return "received"
+            if op == "abort":
+                # The sidecar gave up on this attempt; whatever landed is not trusted.
+                self._set_state("waiting" if state in ("waiting", "receiving") else state)
+                self._reply_ok(cmd)
+                return None
+        except Exception as e:  # the engine's own failure: report it to the sidecar, then raise in the engine
+            log.exception("rank %d: %s failed", self.rank, op)
+            with self._lock:
+                self._state, self._error = "failed", f"{op} failed: {e}"
+            self._reply_error(cmd, self._error)
+            raise HookError(self._error) from e
+        return self._reply_error(cmd, f"unexpected op {op}")
+
+    def _expose(self) -> None:
+        manifest = build_manifest(self._identity, self._fingerprint, self._adapter.discover_tensors(), expose=True)
+        with self._lock:
+            self._manifest = manifest
+
+    def _set_state(self, state: State) -> None:
+        with self._lock:
+            self._state = state
+
+    def _post(self, ident: bytes, reply: Reply) -> None:
+        self._replies.put((ident, reply))
+        with self._wake_lock:
+            if not self._closed:
+                self._wake_send.send(b"")
+
+    def _reply_ok(self, cmd: _Command) -> None:
+        self._post(cmd.identity, self._make_reply(cmd.request.id, True))
+
+    def _reply_error(self, cmd: _Command, error: str) -> None:
+        self._post(cmd.identity, self._make_reply(cmd.request.id, False, error))
+        return None
+
+    def _make_reply(self, req_id: int, ok: bool, error: str = "") -> Reply:
+        with self._lock:
+            return Reply(PROTOCOL_VERSION, req_id, ok, self._state, error or self._error, self._manifest)
+
+    # ---------------------------------------------------------------- socket thread
+
+    def _bind(self) -> zmq.Socket:
+        if self.address.startswith("ipc://"):
+            path = self.address.removeprefix("ipc://")
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            if os.path.exists(path):
+                os.unlink(path)  # a stale socket from a crashed engine would refuse the bind
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, self._cfg.max_message_bytes)
+        sock.bind(self.address)
+        return sock
+
+    def _serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._wake_recv, zmq.POLLIN)
+        while not self._closed:
+            events = dict(poller.poll())
+            if self._wake_recv in events:
+                self._wake_recv.recv()
+                while not self._replies.empty():
+                    ident, reply = self._replies.get_nowait()
+                    self._sock.send_multipart([ident, encode(reply)])
+            if self._sock in events:
+                frames = self._sock.recv_multipart()
+                self._handle(frames)
+        self._sock.close(0)
+        self._wake_recv.close(0)
+
+    def _handle(self, frames: list[bytes]) -> None:
+        ident = frames[0]
+        if len(frames) != 2:
+            self._sock.send_multipart([ident, encode(Reply(PROTOCOL_VERSION, 0, False, error="expected one frame"))])
+            return
+        try:
+            req = decode_request(frames[1], self._cfg.max_message_bytes)
+        except ProtocolError as e:
+            log.warning("rank %d: rejected message: %s", self.rank, e)
+            self._sock.send_multipart([ident, encode(Reply(PROTOCOL_VERSION, 0, False, "unknown", str(e)))])
+            return
+        self._last_contact = time.monotonic()
+        if req.op in ("ping", "describe"):
+            self._sock.send_multipart([ident, encode(self._make_reply(req.id, True))])
+        elif req.op in _ENGINE_OPS and self._state in ("waiting", "receiving"):
+            # Queued even before the engine reaches run_until_ready; it drains them there.
+            self._commands.put(_Command(ident, req))
+        else:
+            reply = self._make_reply(req.id, False, f"{req.op}: the engine is no longer waiting (state {self._state})")
+            self._sock.send_multipart([ident, encode(reply)])
+
+    def close(self) -> None:
+        with self._wake_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._wake_send.send(b"")
+            self._wake_send.close(0)
+        self._commands.put(None)
+        self._thread.join(timeout=5)
+        if self.address.startswith("ipc://"):
+            try:
+                os.unlink(self.address.removeprefix("ipc://"))
+            except FileNotFoundError:
+                pass

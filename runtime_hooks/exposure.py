@@ -1,0 +1,133 @@
+"""Turn the tensors an engine holds into a Manifest another process can map.
+
+One manifest entry per distinct storage (dedupe by storage: tied weights and views are moved once),
+plus one entry per zero-byte tensor. CPU storages move into POSIX shared memory *in place*
+(`_share_filename_cpu_` swaps the storage's data pointer, so every view follows); CUDA storages are
+exported as CUDA IPC handles, one per allocation segment.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from sidecar.protocol import (
+    Handle,
+    Manifest,
+    ShmHandle,
+    TensorEntry,
+    fingerprint,
+    layout_digest,
+)
+
+SHM_DIR = "/dev/shm"
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Everything that changes the bytes or their layout; part of the fingerprint."""
+
+    model_id: str
+    revision: str
+    dtype: str
+    tp_rank: int
+    tp_size: int
+    quantization: str = "none"
+    extra: tuple[tuple[str, str], ...] = ()
+
+    def fields(self) -> dict[str, str | int]:
+        d: dict[str, str | int] = {
+            "model_id": self.model_id,
+            "revision": self.revision,
+            "dtype": self.dtype,
+            "tp_rank": self.tp_rank,
+            "tp_size": self.tp_size,
+            "quantization": self.quantization,
+        }
+        for k, v in self.extra:
+            d[f"extra.{k}"] = v
+        return d
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _storage_entries(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[TensorEntry]]:
+    """Group tensors by storage. Returns {entry name: uint8 view of the whole storage} and zero-byte entries."""
+    by_storage: dict[tuple[str, int], list[tuple[str, torch.Tensor]]] = {}
+    zero: list[TensorEntry] = []
+    for name in sorted(tensors):
+        t = tensors[name]
+        st = t.untyped_storage()
+        if st.nbytes() == 0 or t.numel() == 0:
+            zero.append(TensorEntry(name, dtype_name(t.dtype), list(t.shape), -1, 0, 0))
+            continue
+        by_storage.setdefault((str(t.device), st.data_ptr()), []).append((name, t))
+    whole: dict[str, torch.Tensor] = {}
+    for members in by_storage.values():
+        name, t = members[0]  # names are sorted: the canonical name is the smallest one
+        st = t.untyped_storage()
+        whole[name] = torch.empty(0, dtype=torch.uint8, device=t.device).set_(st)
+    return whole, zero
+
+
+def _entry_meta(t: torch.Tensor, storage_view: torch.Tensor) -> tuple[str, list[int]]:
+    """The tensor's own dtype/shape when it covers its storage exactly, else raw bytes."""
+    covers = t.is_contiguous() and t.storage_offset() == 0 and t.numel() * t.element_size() == storage_view.numel()
+    return (dtype_name(t.dtype), list(t.shape)) if covers else ("uint8", [storage_view.numel()])
+
+
+def share_cpu_storage(view: torch.Tensor) -> ShmHandle:
+    st = view.untyped_storage()
+    _, filename, size = st._share_filename_cpu_()  # type: ignore[attr-defined]
+    name = filename.decode()
+    path = SHM_DIR + name
+    # torch's refcounted shm file holds a small header before the data; the data are the last `size` bytes.
+    offset = os.stat(path).st_size - size
+    if offset < 0 or size != st.nbytes():
+        raise RuntimeError(f"unexpected torch shm layout for {path}: file vs storage size")
+    return ShmHandle(name=name.lstrip("/"), offset=offset, nbytes=size)
+
+
+def compute_fingerprint(identity: ModelIdentity, tensors: dict[str, torch.Tensor]) -> str:
+    """Computed once, on the tensors as built before any load, so source and target agree on it."""
+    kinds = sorted({t.device.type for t in tensors.values()})
+    fields = {**identity.fields(), "device_types": ",".join(kinds)}
+    return fingerprint(fields, [(n, dtype_name(t.dtype), list(t.shape)) for n, t in tensors.items()])
+
+
+def build_manifest(identity: ModelIdentity, fp: str, tensors: dict[str, torch.Tensor], expose: bool) -> Manifest:
+    """Manifest of `tensors`. With expose=True, CPU storages move to shm and GPU ones get IPC handles."""
+    devices = {t.device.type for t in tensors.values() if t.numel() > 0}
+    if len(devices) > 1:
+        raise RuntimeError(f"a rank's tensors span several device types: {sorted(devices)}")
+    kind = "cuda_ipc" if devices == {"cuda"} else "shm"
+    if not expose:
+        return Manifest(identity.model_id, identity.revision, fp, identity.tp_rank, identity.tp_size, kind, False)
+
+    whole, zero = _storage_entries(tensors)
+    handles: list[Handle] = []
+    entries: list[TensorEntry] = list(zero)
+    if kind == "shm":
+        for name, view in whole.items():
+            handles.append(share_cpu_storage(view))
+            dtype, shape = _entry_meta(tensors[name], view)
+            entries.append(TensorEntry(name, dtype, shape, len(handles) - 1, 0, view.numel()))
+    else:
+        from runtime_hooks.cuda_ipc import export_cuda_tensors
+
+        cuda_handles, where = export_cuda_tensors(whole)
+        handles.extend(cuda_handles)
+        for name, view in whole.items():
+            h, off = where[name]
+            dtype, shape = _entry_meta(tensors[name], view)
+            entries.append(TensorEntry(name, dtype, shape, h, off, view.numel()))
+    entries.sort(key=lambda e: e.name)
+    return Manifest(
+        identity.model_id, identity.revision, fp, identity.tp_rank, identity.tp_size, kind, True,
+        layout_digest(entries), handles, entries,
+    )
+

@@ -1,0 +1,162 @@
+"""A stand-in engine process for the demo, tests and benchmarks: a Llama-shaped set of tensors per TP rank.
+
+`python -m runtime_hooks.toy_engine --checkpoint DIR --tp 2` builds empty (uninitialised) tensors for
+every rank with Megatron sharding, starts one RankHook per rank, blocks each rank until the sidecar's
+verdict, prints one JSON line per rank ({"rank", "outcome", "digest", "tensors", "bytes", "seconds"}), and
+then keeps serving until SIGTERM. `make_checkpoint` writes the matching full safetensors checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+import xxhash
+
+from runtime_hooks.base import RankHook
+from runtime_hooks.exposure import ModelIdentity
+from runtime_hooks.torch_module import TorchModuleAdapter
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+SMALL = {"hidden": 256, "intermediate": 688, "layers": 2, "vocab": 1024, "kv_heads_ratio": 1}
+DEMO = {"hidden": 1024, "intermediate": 2816, "layers": 8, "vocab": 32000, "kv_heads_ratio": 1}
+
+
+def layout(cfg: dict[str, int], tp: int, rank: int | None) -> dict[str, list[int]]:
+    """Shapes of every tensor; rank=None gives the full (unsharded) checkpoint shapes."""
+    h, i, v = cfg["hidden"], cfg["intermediate"], cfg["vocab"]
+    kv = h // cfg["kv_heads_ratio"]
+    d = 1 if rank is None else tp
+
+    def col(out: int, inp: int) -> list[int]:
+        return [out // d, inp]
+
+    def row(out: int, inp: int) -> list[int]:
+        return [out, inp // d]
+
+    shapes: dict[str, list[int]] = {"model.embed_tokens.weight": col(v, h)}
+    for n in range(cfg["layers"]):
+        p = f"model.layers.{n}."
+        shapes[p + "input_layernorm.weight"] = [h]
+        shapes[p + "self_attn.q_proj.weight"] = col(h, h)
+        shapes[p + "self_attn.k_proj.weight"] = col(kv, h)
+        shapes[p + "self_attn.v_proj.weight"] = col(kv, h)
+        shapes[p + "self_attn.o_proj.weight"] = row(h, h)
+        shapes[p + "post_attention_layernorm.weight"] = [h]
+        shapes[p + "mlp.gate_proj.weight"] = col(i, h)
+        shapes[p + "mlp.up_proj.weight"] = col(i, h)
+        shapes[p + "mlp.down_proj.weight"] = row(h, i)
+    shapes["model.norm.weight"] = [h]
+    shapes["lm_head.weight"] = col(v, h)
+    return shapes
+
+
+def make_checkpoint(path: str | os.PathLike[str], cfg: dict[str, int], dtype: str = "bfloat16",
+                    seed: int = 0) -> int:
+    """Seeded random weights, saved as one full safetensors file + config.json. Returns bytes written."""
+    from safetensors.torch import save_file
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {name: (torch.randn(shape, generator=g) * 0.02).to(DTYPES[dtype])
+               for name, shape in layout(cfg, 1, None).items()}
+    save_file(tensors, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps({"mx_toy": cfg, "dtype": dtype, "seed": seed}))
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def rank_tensors(cfg: dict[str, int], tp: int, rank: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    ts = {name: torch.empty(shape, dtype=dtype) for name, shape in layout(cfg, tp, rank).items()}
+    # Engine state that is not a checkpoint weight: a derived buffer and a zero-byte tensor, as real engines hold.
+    head_dim = 64
+    ts["model.rotary_emb.inv_freq"] = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    ts["model.empty_scales"] = torch.empty(0, dtype=dtype)
+    return ts
+
+
+class ToyAdapter(TorchModuleAdapter):
+    """Derived buffers are recomputed, not read: they are not in the checkpoint."""
+
+    def load_from_storage(self) -> None:
+        tensors = self.discover_tensors()
+        derived = {k: tensors.pop(k) for k in ("model.rotary_emb.inv_freq", "model.empty_scales")}
+        TorchModuleAdapter(tensors, self.identity(), self._dir).load_from_storage()
+        del derived  # already computed at construction
+
+
+def digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = xxhash.xxh3_64()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(name.encode())
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.uint8 else t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--model-id", default="toy-llama")
+    p.add_argument("--revision", default="r1")
+    p.add_argument("--address", default=None, help="default: MX_ZMQ_ADDRESS")
+    p.add_argument("--sidecar-timeout", type=float, default=None)
+    p.add_argument("--exit-after-ready", action="store_true")
+    args = p.parse_args(argv)
+    meta = json.loads((Path(args.checkpoint) / "config.json").read_text())
+    cfg, dtype_name = meta["mx_toy"], meta["dtype"]
+    dtype = DTYPES[dtype_name]
+    torch.set_num_threads(1)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    hooks: list[RankHook] = []
+    results: list[dict[str, object]] = []
+    lock = threading.Lock()
+    failed = threading.Event()
+
+    def serve_rank(rank: int) -> None:
+        t0 = time.monotonic()
+        tensors = rank_tensors(cfg, args.tp, rank, dtype)
+        ident = ModelIdentity(args.model_id, args.revision, dtype_name, rank, args.tp)
+        hook = RankHook(ToyAdapter(tensors, ident, args.checkpoint), args.address)
+        with lock:
+            hooks.append(hook)
+        try:
+            outcome = hook.run_until_ready(args.sidecar_timeout)
+        except Exception as e:
+            print(json.dumps({"rank": rank, "error": str(e)}), flush=True)
+            failed.set()
+            return
+        line = {"rank": rank, "outcome": outcome, "digest": digest(tensors), "tensors": len(tensors),
+                "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+                "seconds": round(time.monotonic() - t0, 3)}
+        with lock:
+            results.append(line)
+            print(json.dumps(line), flush=True)
+
+    threads = [threading.Thread(target=serve_rank, args=(r,)) for r in range(args.tp)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failed.is_set():
+        return 1
+    if not args.exit_after_ready:
+        stop.wait()
+    for h in hooks:
+        h.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

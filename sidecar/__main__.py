@@ -1,0 +1,70 @@
+"""`mx-sidecar run | status | config` (also `python -m sidecar ...`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from sidecar.config import Config, ConfigError, markdown_table
+from sidecar.logs import setup_logging
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mx-sidecar", description="GPU-to-GPU weight transfer sidecar")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("run", help="run the daemon for the engine at MX_ZMQ_ADDRESS")
+    sub.add_parser("status", help="list the live sources registered in MX_REDIS_URL")
+    cfg_p = sub.add_parser("config", help="validate the MX_* environment and print it")
+    cfg_p.add_argument("--markdown", action="store_true", help="print the settings table for the README")
+    args = p.parse_args(argv)
+    if args.cmd == "config" and args.markdown:
+        print(markdown_table())
+        return 0
+    try:
+        cfg = Config.from_env()
+    except ConfigError as e:
+        print(f"mx-sidecar: {e}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log_level)
+    if args.cmd == "config":
+        for k, v in vars(cfg).items():
+            print(f"{k} = {v!r}")
+        return 0
+    if args.cmd == "status":
+        return asyncio.run(_status(cfg))
+    from sidecar.daemon import run_daemon
+
+    return run_daemon(cfg)
+
+
+async def _status(cfg: Config) -> int:
+    import redis.asyncio as aioredis
+
+    from sidecar.protocol import ProtocolError, decode_record
+
+    r = aioredis.Redis.from_url(cfg.redis_url, socket_timeout=5)
+    try:
+        found = 0
+        async for key in r.scan_iter(match=f"{cfg.redis_prefix}:*:src:*"):
+            blob = await r.get(key)
+            if blob is None:
+                continue
+            try:
+                rec = decode_record(blob)
+            except ProtocolError as e:
+                print(f"{key.decode()}: unreadable ({e})")
+                continue
+            found += 1
+            modes = ",".join(sorted({x.mode for x in rec.ranks}))
+            print(f"{rec.model}  fingerprint={rec.fingerprint[:12]}  replica={rec.replica}  node={rec.node}  "
+                  f"ranks={len(rec.ranks)}  mode={modes}")
+        if not found:
+            print("no live sources")
+        return 0
+    finally:
+        await r.aclose()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

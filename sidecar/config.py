@@ -1,0 +1,248 @@
+"""Every MX_* setting, declared once, parsed and validated once.
+
+One registry (SETTINGS) feeds the daemon, the runtime hooks, `mx-sidecar config` and the README
+table. A value that makes no sense (a timeout of 0, NaN, a negative size, an unknown mode) is an
+error at start-up, never "wait forever" or a silent default.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Setting:
+    env: str
+    field: str
+    default: Any
+    help: str
+    parse: Callable[[str], Any]
+
+
+def _positive_seconds(raw: str) -> float:
+    v = float(raw)
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError("must be a finite number of seconds > 0 (0 never means 'wait forever')")
+    return v
+
+
+def _positive_int(raw: str) -> int:
+    v = int(raw)
+    if v <= 0:
+        raise ValueError("must be an integer > 0")
+    return v
+
+
+def _non_negative_int(raw: str) -> int:
+    v = int(raw)
+    if v < 0:
+        raise ValueError("must be an integer >= 0")
+    return v
+
+
+def _port(raw: str) -> int:
+    v = int(raw)
+    if not 0 <= v <= 65535:
+        raise ValueError("must be a TCP port 0-65535 (0: pick a free one)")
+    return v
+
+
+def _bytes(raw: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    s = raw.strip().lower().removesuffix("ib").removesuffix("b")
+    mult = units.get(s[-1:], 1)
+    v = int(float(s[:-1] if s[-1:] in units else s) * mult)
+    if v <= 0:
+        raise ValueError("must be a size > 0 (e.g. 268435456, 256MiB, 1GiB)")
+    return v
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        v = raw.strip().lower()
+        if v not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return v
+
+    return parse
+
+
+def _zmq_address(raw: str) -> str:
+    if not raw.startswith(("ipc://", "tcp://")):
+        raise ValueError("must be an ipc:// or tcp:// ZMQ address")
+    return raw
+
+
+def _redis_url(raw: str) -> str:
+    if not raw.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    return raw
+
+
+def _text(raw: str) -> str:
+    return raw.strip()
+
+
+def _nonempty(raw: str) -> str:
+    v = raw.strip()
+    if not v or len(v) > 200 or any(c in v for c in " \t\n:{}"):
+        raise ValueError("must be 1-200 characters without spaces, ':' or braces")
+    return v
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("MX_ZMQ_ADDRESS", "zmq_address", "ipc:///tmp/mx/engine.sock",
+            "Base ZMQ address of the engine hook; rank r uses `<base>-r.sock` (ipc) or port+r (tcp).",
+            _zmq_address),
+    Setting("MX_MODEL_NAME", "model_name", "",
+            "Model label for logs and metrics; default: the model id the engine reports.", _text),
+    Setting("MX_REDIS_URL", "redis_url", "redis://127.0.0.1:6379/0",
+            "Redis (or Valkey) holding leases, the source registry and heartbeats.", _redis_url),
+    Setting("MX_REDIS_PREFIX", "redis_prefix", "mx", "Key prefix, to share one Redis between clusters.", _nonempty),
+    Setting("MX_TP_SIZE", "tp_size", 0,
+            "Number of engine ranks to connect; 0 = read it from rank 0's manifest.", _non_negative_int),
+    Setting("MX_NODE_NAME", "node_name", socket.gethostname(),
+            "Node name; targets prefer sources on the same node (set from the Kubernetes downward API).", _nonempty),
+    Setting("MX_METRICS_HOST", "metrics_host", "0.0.0.0", "Address the HTTP server binds.", _text),
+    Setting("MX_METRICS_PORT", "metrics_port", 9400,
+            "Port of /metrics, /healthz, /readyz (0: any free port, logged at start).", _port),
+    Setting("MX_VERIFY", "verify", "checksum",
+            "`size`: byte counts only; `checksum`: per-tensor checksums must match the source's.",
+            _choice("size", "checksum")),
+    Setting("MX_SOURCE_MODE", "source_mode", "auto",
+            "`direct`: peers read engine memory; `staged`: peers read a sidecar-owned ring; "
+            "`auto`: direct for DRAM, staged for CUDA-IPC-imported GPU memory.", _choice("auto", "staged", "direct")),
+    Setting("MX_STAGING_SLOTS", "staging_slots", 4, "Slots in a source's staging ring.", _positive_int),
+    Setting("MX_STAGING_SLOT_BYTES", "staging_slot_bytes", 256 << 20,
+            "Bytes per staging slot, also the transfer chunk size (accepts MiB/GiB).", _bytes),
+    Setting("MX_ENGINE_CONNECT_TIMEOUT", "engine_connect_timeout", 600.0,
+            "Seconds to wait for every engine rank's socket to answer.", _positive_seconds),
+    Setting("MX_REQUEST_TIMEOUT", "request_timeout", 30.0,
+            "Seconds for one request to the engine hook (describe, ping, ...).", _positive_seconds),
+    Setting("MX_LOAD_TIMEOUT", "load_timeout", 3600.0,
+            "Seconds an engine may take to load from storage or prepare a target.", _positive_seconds),
+    Setting("MX_SEED_LEASE_TTL", "seed_lease_ttl", 15.0,
+            "Seconds a seeding lease lives without renewal (renewed every third of it).", _positive_seconds),
+    Setting("MX_SEED_WAIT_TIMEOUT", "seed_wait_timeout", 1800.0,
+            "Seconds a replica waits for another replica's seeding before it loads from storage itself.",
+            _positive_seconds),
+    Setting("MX_HEARTBEAT_INTERVAL", "heartbeat_interval", 2.0, "Seconds between a source's heartbeats.",
+            _positive_seconds),
+    Setting("MX_SOURCE_TTL", "source_ttl", 10.0,
+            "Seconds after the last heartbeat that a source disappears from Redis.", _positive_seconds),
+    Setting("MX_POLL_INTERVAL", "poll_interval", 0.25,
+            "Seconds between Redis checks while waiting for a seeder.", _positive_seconds),
+    Setting("MX_TRANSFER_TIMEOUT", "transfer_timeout", 900.0,
+            "Seconds for one rank's whole transfer from one source.", _positive_seconds),
+    Setting("MX_STALL_TIMEOUT", "stall_timeout", 30.0,
+            "Seconds without progress before a transfer is abandoned (a wedged link reports nothing).",
+            _positive_seconds),
+    Setting("MX_MAX_SOURCE_ATTEMPTS", "max_source_attempts", 3,
+            "Sources a target tries before it loads from storage.", _positive_int),
+    Setting("MX_MAX_MESSAGE_BYTES", "max_message_bytes", 64 << 20,
+            "Largest message accepted on any socket.", _bytes),
+    Setting("MX_MAX_METADATA_BYTES", "max_metadata_bytes", 8 << 20,
+            "Largest NIXL agent metadata blob accepted from Redis.", _bytes),
+    Setting("MX_SLOW_LINK_GBPS", "slow_link_gbps", 1.0,
+            "Warn when a transfer runs below this many GB/s (UCX may have fallen back to TCP).",
+            _positive_seconds),
+    Setting("MX_SIDECAR_TIMEOUT", "sidecar_timeout", 60.0,
+            "Engine hook: seconds without a sidecar before the engine loads from storage by itself.",
+            _positive_seconds),
+    Setting("MX_LOG_LEVEL", "log_level", "info", "debug, info, warning or error.",
+            _choice("debug", "info", "warning", "error")),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    zmq_address: str
+    model_name: str
+    redis_url: str
+    redis_prefix: str
+    tp_size: int
+    node_name: str
+    metrics_host: str
+    metrics_port: int
+    verify: Literal["size", "checksum"]
+    source_mode: Literal["auto", "staged", "direct"]
+    staging_slots: int
+    staging_slot_bytes: int
+    engine_connect_timeout: float
+    request_timeout: float
+    load_timeout: float
+    seed_lease_ttl: float
+    seed_wait_timeout: float
+    heartbeat_interval: float
+    source_ttl: float
+    poll_interval: float
+    transfer_timeout: float
+    stall_timeout: float
+    max_source_attempts: int
+    max_message_bytes: int
+    max_metadata_bytes: int
+    slow_link_gbps: float
+    sidecar_timeout: float
+    log_level: str
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Config:
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        errors = []
+        for s in SETTINGS:
+            raw = env.get(s.env)
+            if raw is None or raw == "":
+                values[s.field] = s.default
+                continue
+            try:
+                values[s.field] = s.parse(raw)
+            except ValueError as e:
+                errors.append(f"{s.env}={raw!r}: {e}")
+        values.update(overrides)
+        if errors:
+            raise ConfigError("invalid configuration: " + "; ".join(errors))
+        cfg = cls(**values)
+        cfg._check_relations()
+        return cfg
+
+    def _check_relations(self) -> None:
+        if self.heartbeat_interval * 2 > self.source_ttl:
+            raise ConfigError(
+                f"MX_SOURCE_TTL ({self.source_ttl}s) must be at least twice MX_HEARTBEAT_INTERVAL "
+                f"({self.heartbeat_interval}s), or one late beat drops a live source"
+            )
+
+    def rank_address(self, rank: int) -> str:
+        return rank_address(self.zmq_address, rank)
+
+
+def rank_address(base: str, rank: int) -> str:
+    """`ipc:///tmp/mx/vllm.sock` -> `ipc:///tmp/mx/vllm-0.sock`; `tcp://h:5550` -> `tcp://h:5550+rank`."""
+    if base.startswith("ipc://"):
+        stem, dot, ext = base.rpartition(".")
+        if dot and "/" not in ext:
+            return f"{stem}-{rank}.{ext}"
+        return f"{base}-{rank}"
+    host, _, port = base.rpartition(":")
+    return f"{host}:{int(port) + rank}"
+
+
+def markdown_table() -> str:
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for s in SETTINGS:
+        default = "hostname" if s.env == "MX_NODE_NAME" else (s.default if s.default != "" else "(empty)")
+        rows.append(f"| `{s.env}` | `{default}` | {s.help} |")
+    return "\n".join(rows)
+
+
+assert {f.name for f in fields(Config)} == {s.field for s in SETTINGS}, "Config and SETTINGS disagree"

@@ -1,0 +1,170 @@
+"""Redis: seeding lease, source registry, heartbeats, source choice.
+
+Keys (P = MX_REDIS_PREFIX, F = replica fingerprint, R = replica id = host-pid-random, new per process):
+  P:F:seed          seeding lease, SET NX PX, value R; renewed while loading
+  P:F:sources       set of replica ids that published
+  P:F:src:R         the SourceRecord (msgpack), written once, its TTL refreshed by PEXPIRE per beat
+  P:F:hb:R          tiny heartbeat (wall time), PX = MX_SOURCE_TTL
+  P:F:readers:R     readers currently pulling from R (least-loaded choice)
+  P:agent:NAME      NIXL agent metadata of every agent (targets too: sources send them notifications)
+Heartbeats never rewrite the large record (a field report had that fill a Redis disk).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from sidecar.protocol import ProtocolError, SourceRecord, decode_record, encode
+
+log = logging.getLogger("mx.coordinator")
+
+_RENEW_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+_RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class CoordinatorUnavailable(RuntimeError):
+    """Redis could not be reached: distinct from 'no source' in metrics and logs."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    record: SourceRecord
+    readers: int
+    same_node: bool
+
+
+class Coordinator:
+    def __init__(self, url: str, prefix: str, replica_id: str, node: str, source_ttl: float,
+                 max_record_bytes: int, max_metadata_bytes: int) -> None:
+        self._r = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        self._p = prefix
+        self.replica_id = replica_id
+        self._node = node
+        self._ttl_ms = int(source_ttl * 1000)
+        self._ttl_s = source_ttl
+        self._max_record = max_record_bytes
+        self._max_meta = max_metadata_bytes
+
+    def _k(self, fp: str, *parts: str) -> str:
+        return ":".join((self._p, fp, *parts))
+
+    async def _call(self, what: str, coro):  # type: ignore[no-untyped-def]
+        try:
+            return await coro
+        except (RedisError, OSError) as e:
+            raise CoordinatorUnavailable(f"redis {what}: {e}") from e
+
+    async def ping(self) -> None:
+        await self._call("ping", self._r.ping())
+
+    # -------------------------------------------------------------- seeding lease
+    async def try_seed(self, fp: str, ttl: float) -> bool:
+        ok = await self._call("seed", self._r.set(self._k(fp, "seed"), self.replica_id, nx=True, px=int(ttl * 1000)))
+        return bool(ok)
+
+    async def renew_seed(self, fp: str, ttl: float) -> bool:
+        r = await self._call("renew", self._r.eval(_RENEW_LUA, 1, self._k(fp, "seed"), self.replica_id,
+                                                   int(ttl * 1000)))
+        return bool(r)
+
+    async def release_seed(self, fp: str) -> None:
+        await self._call("release", self._r.eval(_RELEASE_LUA, 1, self._k(fp, "seed"), self.replica_id))
+
+    async def seeder(self, fp: str) -> str | None:
+        v = await self._call("seeder", self._r.get(self._k(fp, "seed")))
+        return v.decode() if v else None
+
+    # -------------------------------------------------------------- agents
+    async def put_agent(self, name: str, metadata: bytes) -> None:
+        await self._call("put_agent", self._r.set(f"{self._p}:agent:{name}", metadata, px=self._ttl_ms))
+
+    async def get_agent(self, name: str) -> bytes:
+        blob = await self._call("get_agent", self._r.get(f"{self._p}:agent:{name}"))
+        if blob is None:
+            raise ProtocolError(f"no metadata for agent {name!r} in Redis")
+        if len(blob) > self._max_meta:
+            raise ProtocolError(f"agent metadata of {len(blob)} bytes exceeds {self._max_meta}")
+        return bytes(blob)
+
+    # -------------------------------------------------------------- sources
+    async def publish(self, rec: SourceRecord, agent_names: list[str]) -> None:
+        fp, rid = rec.fingerprint, rec.replica
+        pipe = self._r.pipeline(transaction=True)
+        pipe.set(self._k(fp, "src", rid), encode(rec), px=self._ttl_ms)
+        pipe.set(self._k(fp, "hb", rid), repr(time.time()), px=self._ttl_ms)
+        pipe.sadd(self._k(fp, "sources"), rid)
+        await self._call("publish", pipe.execute())
+        log.info("published %s as a source of %s (%d ranks)", rid, fp[:12], len(rec.ranks))
+
+    async def heartbeat(self, fp: str, agent_names: list[str]) -> bool:
+        """Tiny beat. False when Redis forgot the record (restart, eviction): the caller re-publishes."""
+        pipe = self._r.pipeline(transaction=False)
+        pipe.set(self._k(fp, "hb", self.replica_id), repr(time.time()), px=self._ttl_ms)
+        pipe.pexpire(self._k(fp, "src", self.replica_id), self._ttl_ms)
+        for a in agent_names:
+            pipe.pexpire(f"{self._p}:agent:{a}", self._ttl_ms)
+        res = await self._call("heartbeat", pipe.execute())
+        return bool(res[1]) and all(bool(x) for x in res[2:])
+
+    async def withdraw(self, fp: str, agent_names: list[str]) -> None:
+        pipe = self._r.pipeline(transaction=True)
+        pipe.srem(self._k(fp, "sources"), self.replica_id)
+        pipe.delete(self._k(fp, "src", self.replica_id), self._k(fp, "hb", self.replica_id),
+                    self._k(fp, "readers", self.replica_id), *[f"{self._p}:agent:{a}" for a in agent_names])
+        await self._call("withdraw", pipe.execute())
+        log.info("withdrew %s from the sources of %s", self.replica_id, fp[:12])
+
+    async def live_sources(self, fp: str) -> list[Candidate]:
+        """Fresh sources, same node first, then least loaded. Stale members are pruned."""
+        members = await self._call("sources", self._r.smembers(self._k(fp, "sources")))
+        out: list[Candidate] = []
+        now = time.time()
+        for m in members:
+            rid = m.decode()
+            if rid == self.replica_id:
+                continue
+            hb, blob, readers = await self._call("source", self._get3(fp, rid))
+            if hb is None or blob is None:
+                await self._call("prune", self._r.srem(self._k(fp, "sources"), rid))
+                continue
+            if now - float(hb) > self._ttl_s:  # freshness check on top of the TTL
+                continue
+            try:
+                rec = decode_record(blob, self._max_record)
+            except ProtocolError as e:
+                log.warning("ignoring source %s: %s", rid, e)
+                continue
+            if rec.fingerprint != fp or rec.replica != rid:
+                log.warning("ignoring source %s: record names another replica or model", rid)
+                continue
+            out.append(Candidate(rec, int(readers or 0), rec.node == self._node))
+        out.sort(key=lambda c: (not c.same_node, c.readers, c.record.replica))
+        return out
+
+    async def _get3(self, fp: str, rid: str):  # type: ignore[no-untyped-def]
+        pipe = self._r.pipeline(transaction=False)
+        pipe.get(self._k(fp, "hb", rid))
+        pipe.get(self._k(fp, "src", rid))
+        pipe.get(self._k(fp, "readers", rid))
+        return await pipe.execute()
+
+    async def reader_delta(self, fp: str, rid: str, delta: int) -> None:
+        key = self._k(fp, "readers", rid)
+        pipe = self._r.pipeline(transaction=True)
+        pipe.incrby(key, delta)
+        pipe.pexpire(key, self._ttl_ms * 30)
+        await self._call("readers", pipe.execute())
+
+    async def close(self) -> None:
+        await self._r.aclose()

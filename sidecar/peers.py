@@ -1,0 +1,45 @@
+"""Routes NIXL notifications between this sidecar's reader sessions and its source server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from sidecar.protocol import Bye, Done, Hello, PeerMsg, ProtocolError, Ready, Welcome, decode_peer
+
+log = logging.getLogger("mx.peers")
+
+
+class PeerRouter:
+    """Welcome/Ready go to the reader session waiting for them; Hello/Done/Bye go to the source server."""
+
+    def __init__(self, on_source_msg: Callable[[str, Hello | Done | Bye], None],
+                 on_bad: Callable[[str], None]) -> None:
+        self._inboxes: dict[str, tuple[str, asyncio.Queue[Welcome | Ready]]] = {}
+        self._on_source_msg = on_source_msg
+        self._on_bad = on_bad
+
+    def open(self, session: str, source_agent: str) -> asyncio.Queue[Welcome | Ready]:
+        q: asyncio.Queue[Welcome | Ready] = asyncio.Queue()
+        self._inboxes[session] = (source_agent, q)
+        return q
+
+    def close(self, session: str) -> None:
+        self._inboxes.pop(session, None)
+
+    def __call__(self, peer: str, data: bytes) -> None:
+        try:
+            msg: PeerMsg = decode_peer(data)
+        except ProtocolError as e:
+            log.warning("rejected notification from %s: %s", peer, e)
+            self._on_bad(str(e))
+            return
+        if isinstance(msg, (Welcome, Ready)):
+            entry = self._inboxes.get(msg.session)
+            if entry is None or entry[0] != peer:
+                log.debug("notification for a finished or foreign session %s from %s", msg.session, peer)
+                return
+            entry[1].put_nowait(msg)
+        else:
+            self._on_source_msg(peer, msg)

@@ -1,0 +1,125 @@
+"""Source manifest x target manifest -> chunked, bounds-checked copy plan.
+
+The logical byte stream of a rank is its entries in name order. It is cut into chunks of at most
+`chunk_bytes` (the staging slot size); entries larger than a chunk are split, small ones are packed.
+Source and target compute the same plan from equal layouts, so a chunk number is all they exchange.
+
+Safety: every target range comes from the target's *own* manifest (validated against its own handle
+sizes) and every length must equal the source's; a plan that would step outside is rejected before
+a byte moves, whatever Redis or a peer said.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from sidecar.protocol import Manifest, ProtocolError, TensorEntry, layout_digest, validate_manifest
+
+SLOT_ALIGN = 256  # piece starts inside a slot: keeps GPU copies and RDMA on aligned addresses
+
+
+class PlanError(ProtocolError):
+    pass
+
+
+@dataclass(frozen=True)
+class Piece:
+    entry: int  # index into the manifest's entries (sorted by name on both sides)
+    entry_offset: int
+    nbytes: int
+    slot_offset: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    index: int
+    pieces: tuple[Piece, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.pieces)
+
+
+def _align(n: int) -> int:
+    return (n + SLOT_ALIGN - 1) // SLOT_ALIGN * SLOT_ALIGN
+
+
+def chunk_plan(entries: list[TensorEntry], chunk_bytes: int) -> list[Chunk]:
+    if chunk_bytes < SLOT_ALIGN:
+        raise PlanError(f"chunk size {chunk_bytes} below {SLOT_ALIGN}")
+    chunks: list[Chunk] = []
+    pieces: list[Piece] = []
+    used = 0
+    for i, e in enumerate(entries):
+        off = 0
+        while off < e.nbytes:
+            start = _align(used)
+            room = chunk_bytes - start
+            if room <= 0:
+                chunks.append(Chunk(len(chunks), tuple(pieces)))
+                pieces, used, start, room = [], 0, 0, chunk_bytes
+            n = min(room, e.nbytes - off)
+            pieces.append(Piece(i, off, n, start))
+            used = start + n
+            off += n
+    if pieces:
+        chunks.append(Chunk(len(chunks), tuple(pieces)))
+    return chunks
+
+
+def check_compatible(source: Manifest, target: Manifest) -> None:
+    """Refuse a copy unless both sides describe the same logical tensors, rank for rank."""
+    validate_manifest(target)
+    if not target.exposed:
+        raise PlanError("target tensors are not exposed yet")
+    if source.fingerprint != target.fingerprint:
+        raise PlanError("fingerprints differ: these replicas are not the same model build")
+    if (source.tp_rank, source.tp_size) != (target.tp_rank, target.tp_size):
+        raise PlanError(f"rank {source.tp_rank}/{source.tp_size} cannot feed rank {target.tp_rank}/{target.tp_size}")
+    if source.layout_digest != target.layout_digest:
+        raise PlanError("final layouts differ (post-processing diverged?): refusing to copy")
+    check_entries_match(source.tensors, target)
+
+
+def check_entries_match(source_entries: list[TensorEntry], target: Manifest) -> None:
+    # Recomputed rather than trusting the digests: a mismatched length must never reach a descriptor.
+    if layout_digest(source_entries) != target.layout_digest:
+        raise PlanError("source entries do not match the target layout")
+    if len(source_entries) != len(target.tensors):
+        raise PlanError("entry counts differ")
+    for s, t in zip(source_entries, target.tensors, strict=True):
+        if (s.name, s.nbytes, s.dtype, s.shape) != (t.name, t.nbytes, t.dtype, t.shape):
+            raise PlanError(f"entry {t.name!r} differs between source and target")
+
+
+def target_addresses(target: Manifest, region_addrs: list[int]) -> list[int]:
+    """Absolute address of each target entry in this process (0 for zero-byte entries)."""
+    if len(region_addrs) != len(target.handles):
+        raise PlanError("one mapped region per handle expected")
+    return [region_addrs[e.handle] + e.offset if e.nbytes else 0 for e in target.tensors]
+
+
+def descriptors(
+    chunk: Chunk,
+    local_addrs: list[int],
+    local_dev: int,
+    remote_base: list[int] | int,
+    remote_dev: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """NIXL Nx3 (addr, len, dev) arrays for one chunk.
+
+    remote_base is either one staging slot address (pieces sit at their slot offsets) or the
+    source's per-entry addresses (direct mode: pieces sit at their entry offsets).
+    """
+    n = len(chunk.pieces)
+    local = np.empty((n, 3), dtype=np.uint64)
+    remote = np.empty((n, 3), dtype=np.uint64)
+    for k, p in enumerate(chunk.pieces):
+        local[k] = (local_addrs[p.entry] + p.entry_offset, p.nbytes, local_dev)
+        if isinstance(remote_base, int):
+            remote[k] = (remote_base + p.slot_offset, p.nbytes, remote_dev)
+        else:
+            remote[k] = (remote_base[p.entry] + p.entry_offset, p.nbytes, remote_dev)
+    return local, remote

@@ -1,0 +1,304 @@
+"""Messages between the runtime hook (engine process) and the sidecar, and between sidecars.
+
+Everything that crosses a process boundary is msgpack with an explicit, versioned schema (msgspec
+Structs). Decoding is strict: unknown ops, wrong types, missing fields, oversized frames and
+other protocol versions are rejected with a ProtocolError that names the problem. No pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Literal
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+# Bounds that hold whatever the config says: a manifest of 100k tensors is ~10 MiB of msgpack.
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+MAX_TENSORS = 200_000
+MAX_HANDLES = 200_000
+MAX_NAME_CHARS = 1024
+
+Op = Literal["ping", "describe", "prepare_target", "load_from_storage", "weights_ready", "abort"]
+OPS: tuple[str, ...] = ("ping", "describe", "prepare_target", "load_from_storage", "weights_ready", "abort")
+
+# Hook states, in the order a healthy replica walks them.
+#   waiting   : tensors allocated, no verdict yet (the engine is blocked)
+#   loading   : reading weights from storage (source)
+#   receiving : final layout exposed, waiting for bytes from a peer (target)
+#   ready     : the engine runs on these tensors; they may be served to others
+#   failed    : the adapter raised; the reply's error says why
+State = Literal["waiting", "loading", "receiving", "ready", "failed"]
+
+
+class ProtocolError(ValueError):
+    """A message that must not be acted on: malformed, oversized, wrong version, unexpected."""
+
+
+class ShmHandle(msgspec.Struct, tag="shm", frozen=True):
+    """A POSIX shared memory file under /dev/shm: `nbytes` of data start `offset` bytes into it."""
+
+    name: str
+    offset: int
+    nbytes: int
+
+
+class CudaIpcHandle(msgspec.Struct, tag="cuda_ipc", frozen=True):
+    """One cudaMalloc allocation segment exported with cudaIpcGetMemHandle.
+
+    `device_uuid` (not the index: containers number GPUs differently) selects the GPU to open it on;
+    `nbytes` is the part of the segment that tensors use, counted from the segment base.
+    """
+
+    device_uuid: str
+    handle: bytes
+    nbytes: int
+
+
+Handle = ShmHandle | CudaIpcHandle
+
+
+class TensorEntry(msgspec.Struct, array_like=True, frozen=True):
+    """A tensor's bytes: `nbytes` starting `offset` bytes into handle `handle` (-1 for zero bytes)."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+    handle: int
+    offset: int
+    nbytes: int
+
+
+class Manifest(msgspec.Struct, frozen=True):
+    """What one engine rank exposes.
+
+    `fingerprint` identifies the model build (identity + pre-load layout + protocol version): replicas
+    with equal fingerprints may copy from each other. `layout_digest` covers the final tensors (names,
+    dtypes, shapes, sizes); it is empty until the tensors are exposed and must match byte-for-byte
+    between source and target before a single byte moves.
+    """
+
+    model_id: str
+    revision: str
+    fingerprint: str
+    tp_rank: int
+    tp_size: int
+    memory_kind: Literal["shm", "cuda_ipc"]
+    exposed: bool
+    layout_digest: str = ""
+    handles: list[Handle] = []
+    tensors: list[TensorEntry] = []
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+class Request(msgspec.Struct, frozen=True):
+    v: int
+    id: int
+    op: Op
+
+
+class Reply(msgspec.Struct, frozen=True):
+    v: int
+    id: int
+    ok: bool
+    state: State | Literal["unknown"] = "unknown"
+    error: str = ""
+    manifest: Manifest | None = None
+
+
+class _Envelope(msgspec.Struct):
+    """Only the version: read first so a peer speaking another version gets a clear error."""
+
+    v: int
+
+
+_request_decoder = msgspec.msgpack.Decoder(Request)
+_reply_decoder = msgspec.msgpack.Decoder(Reply)
+_envelope_decoder = msgspec.msgpack.Decoder(_Envelope)
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    return _encoder.encode(msg)
+
+
+def _check_frame(data: bytes, max_bytes: int) -> None:
+    if len(data) > max_bytes:
+        raise ProtocolError(f"message of {len(data)} bytes exceeds the limit of {max_bytes}")
+    try:
+        env = _envelope_decoder.decode(data)
+    except msgspec.DecodeError as e:
+        raise ProtocolError(f"malformed message: {e}") from None
+    if env.v != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {env.v} is not supported (this side speaks {PROTOCOL_VERSION})")
+
+
+def decode_request(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Request:
+    _check_frame(data, max_bytes)
+    try:
+        return _request_decoder.decode(data)
+    except msgspec.DecodeError as e:
+        raise ProtocolError(f"malformed request: {e}") from None
+
+
+def decode_reply(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Reply:
+    _check_frame(data, max_bytes)
+    try:
+        reply = _reply_decoder.decode(data)
+    except msgspec.DecodeError as e:
+        raise ProtocolError(f"malformed reply: {e}") from None
+    if reply.manifest is not None:
+        validate_manifest(reply.manifest)
+    return reply
+
+
+def validate_manifest(m: Manifest) -> None:
+    """Structural checks that make every byte range in the manifest safe to use."""
+    if not (0 <= m.tp_rank < m.tp_size):
+        raise ProtocolError(f"tp_rank {m.tp_rank} outside tp_size {m.tp_size}")
+    if len(m.tensors) > MAX_TENSORS or len(m.handles) > MAX_HANDLES:
+        raise ProtocolError("manifest lists too many tensors or handles")
+    if m.exposed and not m.layout_digest:
+        raise ProtocolError("exposed manifest without a layout digest")
+    names: set[str] = set()
+    for t in m.tensors:
+        if not t.name or len(t.name) > MAX_NAME_CHARS or t.name in names:
+            raise ProtocolError(f"bad or duplicate tensor name {t.name[:80]!r}")
+        names.add(t.name)
+        if t.nbytes < 0 or t.offset < 0 or any(d < 0 for d in t.shape):
+            raise ProtocolError(f"negative size in tensor {t.name!r}")
+        if t.nbytes == 0:
+            continue
+        if not (0 <= t.handle < len(m.handles)):
+            raise ProtocolError(f"tensor {t.name!r} names handle {t.handle} of {len(m.handles)}")
+        h = m.handles[t.handle]
+        if t.offset + t.nbytes > h.nbytes:
+            raise ProtocolError(
+                f"tensor {t.name!r} [{t.offset}, {t.offset + t.nbytes}) lies outside its handle of {h.nbytes} bytes"
+            )
+    if m.exposed and layout_digest(m.tensors) != m.layout_digest:
+        raise ProtocolError("layout digest does not match the tensors listed")
+
+
+def layout_digest(tensors: list[TensorEntry]) -> str:
+    """Digest of the logical layout (names, dtypes, shapes, sizes), independent of where bytes live."""
+    h = hashlib.sha256(f"mx-layout/{PROTOCOL_VERSION}".encode())
+    for t in sorted(tensors, key=lambda t: t.name):
+        h.update(_encoder.encode([t.name, t.dtype, t.shape, t.nbytes]))
+    return h.hexdigest()
+
+
+def fingerprint(identity: dict[str, str | int], layout: list[tuple[str, str, list[int]]]) -> str:
+    """Fingerprint of a rank: every identity field plus names/dtypes/shapes, fail-closed on any change."""
+    h = hashlib.sha256(f"mx-fingerprint/{PROTOCOL_VERSION}".encode())
+    h.update(_encoder.encode(sorted(identity.items())))
+    for name, dtype, shape in sorted(layout):
+        h.update(_encoder.encode([name, dtype, list(shape)]))
+    return h.hexdigest()
+
+
+def replica_fingerprint(rank_fingerprints: list[str]) -> str:
+    """A replica may copy from another only if every rank's fingerprint matches, rank for rank."""
+    h = hashlib.sha256(b"mx-replica")
+    for f in rank_fingerprints:
+        h.update(f.encode())
+    return h.hexdigest()[:32]
+
+
+# ---------------------------------------------------------------------------- sidecar <-> sidecar
+# Control messages ride NIXL notifications; bulk bytes ride NIXL READs. Tiny, bounded, versioned.
+MAX_PEER_MESSAGE_BYTES = 64 << 10
+
+
+class Hello(msgspec.Struct, tag="hello", frozen=True):
+    v: int
+    session: str
+    rank: int
+    reader: str  # the reader's agent name; its metadata is in Redis
+    layout_digest: str
+
+
+class Welcome(msgspec.Struct, tag="welcome", frozen=True):
+    v: int
+    session: str
+    ok: bool
+    error: str = ""
+
+
+class Ready(msgspec.Struct, tag="ready", frozen=True):
+    v: int
+    session: str
+    chunk: int
+    slot: int
+
+
+class Done(msgspec.Struct, tag="done", frozen=True):
+    v: int
+    session: str
+    chunk: int
+
+
+class Bye(msgspec.Struct, tag="bye", frozen=True):
+    v: int
+    session: str
+    ok: bool
+
+
+PeerMsg = Hello | Welcome | Ready | Done | Bye
+_peer_decoder = msgspec.msgpack.Decoder(PeerMsg)  # type: ignore[var-annotated]
+
+
+def decode_peer(data: bytes) -> PeerMsg:
+    _check_frame(data, MAX_PEER_MESSAGE_BYTES)
+    try:
+        return _peer_decoder.decode(data)  # type: ignore[no-any-return]
+    except msgspec.DecodeError as e:
+        raise ProtocolError(f"malformed peer message: {e}") from None
+
+
+# ---------------------------------------------------------------------------- Redis records
+
+
+class RankSource(msgspec.Struct, frozen=True):
+    """How to read one rank of a source. Written once per publication, never per heartbeat."""
+
+    rank: int
+    agent: str
+    mem_type: str
+    device_id: int
+    mode: Literal["direct", "staged"]
+    entries: list[TensorEntry]
+    checksums: list[str]  # aligned with entries; empty when the source did not compute them
+    slots: list[tuple[int, int]] = []  # staged: (addr, nbytes) of each staging slot
+    entry_addrs: list[int] = []  # direct: absolute address of each entry in the source process
+
+
+class SourceRecord(msgspec.Struct, frozen=True):
+    v: int
+    replica: str
+    node: str
+    model: str
+    fingerprint: str
+    ranks: list[RankSource]
+
+
+_record_decoder = msgspec.msgpack.Decoder(SourceRecord)
+
+
+def decode_record(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> SourceRecord:
+    _check_frame(data, max_bytes)
+    try:
+        rec = _record_decoder.decode(data)
+    except msgspec.DecodeError as e:
+        raise ProtocolError(f"malformed source record: {e}") from None
+    for r in rec.ranks:
+        if r.checksums and len(r.checksums) != len(r.entries):
+            raise ProtocolError("checksum list does not match the entries")
+        if r.mode == "direct" and len(r.entry_addrs) != len(r.entries):
+            raise ProtocolError("direct source without one address per entry")
+        if r.mode == "staged" and not r.slots:
+            raise ProtocolError("staged source without slots")
+    return rec

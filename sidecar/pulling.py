@@ -1,0 +1,211 @@
+"""The target side: READ one rank from one source straight into engine memory, then verify.
+
+Local descriptors come only from this rank's own manifest (validated against its own handles), so a
+bad record in Redis or a lying peer can make a transfer fail but never write outside our tensors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+from sidecar.config import Config
+from sidecar.logs import Ctx
+from sidecar.metrics import Metrics
+from sidecar.peers import PeerRouter
+from sidecar.planner import Chunk, PlanError, check_entries_match, chunk_plan, descriptors
+from sidecar.protocol import PROTOCOL_VERSION, Bye, Done, Hello, RankSource, Ready, Welcome, encode
+from sidecar.rank_memory import RankMemory
+from sidecar.transport import TransferError, Transport
+
+DIRECT_WINDOW = 4  # READs in flight in direct mode; staged mode is bounded by the source's slots
+
+
+class VerifyError(RuntimeError):
+    pass
+
+
+class SourceFailed(RuntimeError):
+    pass
+
+
+async def pull_rank(
+    cfg: Config,
+    rank: RankMemory,
+    src: RankSource,
+    src_metadata: bytes,
+    router: PeerRouter,
+    metrics: Metrics,
+    log: Ctx,
+) -> int:
+    """Move every byte of `rank` from `src`; returns bytes moved. Raises SourceFailed/VerifyError/PlanError."""
+    tr = rank.transport
+    assert tr is not None
+    check_entries_match(src.entries, rank.manifest)  # before any byte moves
+    if src.mem_type not in ("DRAM", "VRAM"):
+        raise PlanError(f"unknown source memory type {src.mem_type!r}")
+    try:
+        peer = tr.add_peer(src_metadata, src.agent)
+    except ValueError as e:
+        raise PlanError(str(e)) from None
+    session = uuid.uuid4().hex
+    inbox = router.open(session, peer)
+    total = rank.manifest.total_bytes
+    moved = 0
+    t0 = time.monotonic()
+    try:
+        with tr.busy():
+            tr.send(peer, encode(Hello(PROTOCOL_VERSION, session, rank.rank, tr.name, rank.manifest.layout_digest)))
+            welcome = await _next(inbox, cfg.stall_timeout, "Welcome")
+            if not isinstance(welcome, Welcome) or not welcome.ok:
+                raise SourceFailed(f"source refused: {getattr(welcome, 'error', welcome)}")
+            progress = _Progress(log, rank.rank, total, t0)
+            deadline = t0 + cfg.transfer_timeout
+            if src.mode == "staged":
+                slot_bytes = {n for _, n in src.slots}
+                if len(slot_bytes) != 1:
+                    raise PlanError("source slots of unequal size")
+                chunks = chunk_plan(rank.manifest.tensors, slot_bytes.pop())
+                moved = await _staged(cfg, tr, peer, session, src, rank, chunks, inbox, progress, deadline)
+            else:
+                chunks = chunk_plan(rank.manifest.tensors, cfg.staging_slot_bytes)
+                moved = await _direct(cfg, tr, peer, src, rank, chunks, progress, deadline)
+    except TransferError as e:
+        raise SourceFailed(str(e)) from e
+    except TimeoutError as e:
+        raise SourceFailed(f"source stalled for {cfg.stall_timeout:.0f}s") from e
+    finally:
+        router.close(session)
+        try:
+            tr.send(peer, encode(Bye(PROTOCOL_VERSION, session, moved == total)))
+        except Exception as e:  # the source may be dead already; that is why we are leaving
+            log.debug("bye not sent: %s", e, rank=rank.rank)
+        tr.remove_peer(peer)
+    if moved != total:
+        raise VerifyError(f"moved {moved} of {total} bytes")
+    dt = time.monotonic() - t0
+    metrics.transfer_bytes.labels(log.extra["model"], str(rank.rank), "target").inc(moved)  # type: ignore[index]
+    log.info("phase=transfer %.2f GB in %.2fs (%.2f GB/s, %s)", moved / 1e9, dt, moved / 1e9 / max(dt, 1e-9),
+             src.mode, rank=rank.rank, peer=src.agent)
+    return moved
+
+
+async def verify_rank(cfg: Config, rank: RankMemory, src: RankSource, log: Ctx) -> None:
+    """Sizes always (checked by the plan); checksums of every entry when MX_VERIFY=checksum."""
+    if cfg.verify != "checksum":
+        return
+    if not src.checksums:
+        raise VerifyError("MX_VERIFY=checksum but the source published no checksums")
+    t0 = time.monotonic()
+    mine = await rank.compute_checksums()
+    bad = [e.name for e, a, b in zip(rank.manifest.tensors, mine, src.checksums, strict=True) if a != b]
+    if bad:
+        raise VerifyError(f"{len(bad)} tensors differ from the source, e.g. {bad[:3]}")
+    rank.checksums = mine
+    log.info("phase=verify %d checksums match in %.2fs", len(mine), time.monotonic() - t0, rank=rank.rank)
+
+
+async def _next(inbox: asyncio.Queue[Welcome | Ready], timeout: float, what: str) -> Welcome | Ready:
+    try:
+        return await asyncio.wait_for(inbox.get(), timeout)
+    except TimeoutError:
+        raise SourceFailed(f"no {what} from the source within {timeout:.0f}s") from None
+
+
+async def _wait_all(tr: Transport, inflight: list[tuple[Any, int]], keep: int, cfg: Config,
+                    progress: _Progress, deadline: float) -> None:
+    """Drive in-flight READs until at most `keep` remain."""
+    last = time.monotonic()
+    while len(inflight) > keep:
+        still = []
+        for h, n in inflight:
+            if tr.poll(h):
+                progress.add(n)
+                last = time.monotonic()
+            else:
+                still.append((h, n))
+        inflight[:] = still
+        if len(inflight) > keep:
+            now = time.monotonic()
+            if now - last > cfg.stall_timeout or now > deadline:
+                raise SourceFailed("transfer made no progress" if now <= deadline else "transfer timed out")
+            await asyncio.sleep(0.0002)
+
+
+async def _direct(cfg: Config, tr: Transport, peer: str, src: RankSource, rank: RankMemory, chunks: list[Chunk],
+                  progress: _Progress, deadline: float) -> int:
+    inflight: list[tuple[Any, int]] = []
+    for chunk in chunks:
+        local, remote = descriptors(chunk, rank.entry_addrs, rank.device_id, src.entry_addrs, src.device_id)
+        inflight.append((tr.start_read(local, remote, peer, src.mem_type), chunk.nbytes))
+        await _wait_all(tr, inflight, DIRECT_WINDOW - 1, cfg, progress, deadline)
+    await _wait_all(tr, inflight, 0, cfg, progress, deadline)
+    return progress.done
+
+
+async def _staged(cfg: Config, tr: Transport, peer: str, session: str, src: RankSource, rank: RankMemory,
+                  chunks: list[Chunk], inbox: asyncio.Queue[Welcome | Ready], progress: _Progress,
+                  deadline: float) -> int:
+    inflight: list[tuple[Any, int]] = []
+    expected = 0
+    last = time.monotonic()
+    while expected < len(chunks) or inflight:
+        before = progress.done
+        _poll_once(tr, inflight, progress)
+        msg: Welcome | Ready | None = None
+        if expected < len(chunks):
+            if inflight:
+                msg = None if inbox.empty() else inbox.get_nowait()
+            else:  # nothing to drive: sleep until the source announces the next slot
+                msg = await _next(inbox, cfg.stall_timeout, f"Ready for chunk {expected}")
+        if msg is not None:
+            if not isinstance(msg, Ready) or msg.chunk != expected or not (0 <= msg.slot < len(src.slots)):
+                raise SourceFailed(f"unexpected message from the source: {msg}")
+            slot_addr, _ = src.slots[msg.slot]
+            local, remote = descriptors(chunks[expected], rank.entry_addrs, rank.device_id, slot_addr,
+                                        src.device_id)
+            done = encode(Done(PROTOCOL_VERSION, session, expected))
+            inflight.append((tr.start_read(local, remote, peer, src.mem_type, done), chunks[expected].nbytes))
+            expected += 1
+        now = time.monotonic()
+        if msg is not None or progress.done != before:
+            last = now
+        elif now - last > cfg.stall_timeout:
+            raise SourceFailed("transfer made no progress")
+        if now > deadline:
+            raise SourceFailed("transfer timed out")
+        if msg is None:
+            await asyncio.sleep(0.0002)  # tight only while READs are in flight
+    return progress.done
+
+
+def _poll_once(tr: Transport, inflight: list[tuple[Any, int]], progress: _Progress) -> None:
+    still = []
+    for h, n in inflight:
+        if tr.poll(h):
+            progress.add(n)
+        else:
+            still.append((h, n))
+    inflight[:] = still
+
+
+class _Progress:
+    """Logs percent and GB/s every 2 s or 25%, whichever comes first."""
+
+    def __init__(self, log: Ctx, rank: int, total: int, t0: float) -> None:
+        self._log, self._rank, self._total, self._t0 = log, rank, total, t0
+        self.done = 0
+        self._last_t = t0
+        self._last_pct = 0.0
+
+    def add(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        pct = 100.0 * self.done / max(self._total, 1)
+        if now - self._last_t >= 2.0 or pct - self._last_pct >= 25.0 or self.done == self._total:
+            gbps = self.done / 1e9 / max(now - self._t0, 1e-9)
+            self._log.info("progress %.0f%% (%.2f/%.2f GB, %.2f GB/s)", pct, self.done / 1e9, self._total / 1e9,
+                           gbps, rank=self._rank)
+            self._last_t, self._last_pct = now, pct

@@ -1,0 +1,186 @@
+"""One NIXL agent per device: registration, READs, notifications, all driven from the event loop.
+
+NIXL's own progress thread busy-spins a whole core even when idle (measured on the CPU machines),
+so it is off: this module calls the agent's progress (`get_new_notifs`, `check_xfer_state`) from
+asyncio, tightly while something is in flight and every IDLE_POLL_S otherwise. NIXL offers no file
+descriptor to wait on, so a gentle idle poll is the event source we have.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from sidecar.memory import Region
+
+log = logging.getLogger("mx.transport")
+
+IDLE_POLL_S = 0.02
+BUSY_POLL_S = 0.0002
+
+
+def _nixl_api() -> Any:
+    # Depend on one CUDA flavour directly: the `nixl` meta package pulls both, and they cannot share a process.
+    for mod in ("nixl_cu13._api", "nixl_cu12._api", "nixl._api"):
+        try:
+            return __import__(mod, fromlist=["nixl_agent"])
+        except ImportError:
+            continue
+    raise ImportError("no NIXL found: install nixl-cu13 (or nixl-cu12)")
+
+
+class TransferError(RuntimeError):
+    pass
+
+
+class Transport:
+    """A NIXL agent for one memory space (host DRAM, or one GPU)."""
+
+    def __init__(self, name: str, mem_type: str, device_id: int) -> None:
+        api = _nixl_api()
+        t0 = time.monotonic()
+        cfg = api.nixl_agent_config(enable_prog_thread=False, backends=["UCX"])
+        self.agent = api.nixl_agent(name, cfg)
+        self.create_s = time.monotonic() - t0
+        self.name = name
+        self.mem_type = mem_type
+        self.device_id = device_id
+        self.registered_bytes = 0
+        self._reg: list[Any] = []
+        self._busy = 0
+        self._on_notif: Callable[[str, bytes], None] | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self._peers: dict[str, int] = {}  # remote agent -> sessions using it
+        log.info("NIXL agent %s (%s dev %d) created in %.2fs", name, mem_type, device_id, self.create_s)
+
+    # -------------------------------------------------------------- memory
+    def register(self, regions: list[Region]) -> float:
+        """Register each region once (per allocation segment, not per tensor). Returns seconds taken."""
+        regions = [r for r in regions if r.nbytes > 0]
+        if not regions:
+            return 0.0
+        t0 = time.monotonic()
+        arr = np.array([(r.addr, r.nbytes, r.device_id) for r in regions], dtype=np.uint64)
+        self._reg.append(self.agent.register_memory(arr, self.mem_type))
+        self.registered_bytes += sum(r.nbytes for r in regions)
+        return time.monotonic() - t0
+
+    def metadata(self) -> bytes:
+        return bytes(self.agent.get_agent_metadata())
+
+    # -------------------------------------------------------------- peers
+    def add_peer(self, metadata: bytes, expected_name: str) -> str:
+        """Load a remote agent, shared by the sessions that use it (one per rank on a shared agent).
+
+        Re-adding metadata under a name in use would invalidate that name's transfers in flight
+        (measured: NIXL_ERR_NOT_FOUND on the sibling rank), so a loaded peer is reference-counted.
+        """
+        if expected_name in self._peers:
+            self._peers[expected_name] += 1
+            return expected_name
+        name = self.agent.add_remote_agent(metadata)
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        if name != expected_name:
+            self._drop(name)
+            raise ValueError(f"metadata names agent {name!r}, expected {expected_name!r}")
+        self._peers[name] = 1
+        return name
+
+    def remove_peer(self, name: str) -> None:
+        # A reader drops its remote agents as soon as a load ends, or a wedged source stays wedged for others.
+        if name not in self._peers:
+            return
+        self._peers[name] -= 1
+        if self._peers[name] <= 0:
+            del self._peers[name]
+            self._drop(name)
+
+    def _drop(self, name: str) -> None:
+        try:
+            self.agent.remove_remote_agent(name)
+        except Exception as e:  # already gone on the NIXL side: nothing left to release
+            log.debug("remove_remote_agent(%s): %s", name, e)
+
+    def send(self, peer: str, msg: bytes) -> None:
+        self.agent.send_notif(peer, msg)
+
+    # -------------------------------------------------------------- progress
+    def start(self, on_notif: Callable[[str, bytes], None]) -> None:
+        self._on_notif = on_notif
+        self._pump = asyncio.get_running_loop().create_task(self._pump_notifs(), name=f"nixl-pump-{self.name}")
+
+    async def _pump_notifs(self) -> None:
+        while True:
+            notifs = self.agent.get_new_notifs()
+            for peer, msgs in notifs.items():
+                for m in msgs:
+                    if self._on_notif is not None:
+                        self._on_notif(peer if isinstance(peer, str) else peer.decode(), bytes(m))
+            await asyncio.sleep(BUSY_POLL_S if self._busy else IDLE_POLL_S)
+
+    def busy(self) -> _Busy:
+        return _Busy(self)
+
+    # -------------------------------------------------------------- transfers
+    def start_read(self, local: np.ndarray, remote: np.ndarray, peer: str, remote_mem_type: str,
+                   notif: bytes = b"") -> Any:
+        lo = self.agent.get_xfer_descs(local, self.mem_type)
+        re = self.agent.get_xfer_descs(remote, remote_mem_type)
+        handle = self.agent.initialize_xfer("READ", lo, re, peer, notif)
+        state = self.agent.transfer(handle)
+        if state == "ERR":
+            self.agent.release_xfer_handle(handle)
+            raise TransferError(f"READ from {peer} failed to start")
+        return handle
+
+    def poll(self, handle: Any) -> bool:
+        """True when done; raises on error (a killed peer shows as NIXL_ERR_REMOTE_DISCONNECT)."""
+        try:
+            state = self.agent.check_xfer_state(handle)
+        except Exception as e:
+            self._release(handle)
+            raise TransferError(f"transfer failed: {e}") from e
+        if state == "DONE":
+            self._release(handle)
+            return True
+        if state == "ERR":
+            self._release(handle)
+            raise TransferError("transfer reported ERR")
+        return False
+
+    def _release(self, handle: Any) -> None:
+        try:
+            self.agent.release_xfer_handle(handle)
+        except Exception as e:  # a handle of a dead peer may refuse release; it is dropped either way
+            log.debug("release_xfer_handle: %s", e)
+
+    def close(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+        for name in list(self._peers):
+            self._drop(name)
+        self._peers.clear()
+        for reg in self._reg:
+            try:
+                self.agent.deregister_memory(reg)
+            except Exception as e:
+                log.debug("deregister_memory: %s", e)
+        self._reg.clear()
+
+
+class _Busy:
+    """Context manager: poll tightly while a transfer or a session is in flight."""
+
+    def __init__(self, t: Transport) -> None:
+        self._t = t
+
+    def __enter__(self) -> None:
+        self._t._busy += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._t._busy -= 1
