@@ -93,7 +93,7 @@ class RankHook:
         self._manifest: Manifest = build_manifest(self._identity, self._fingerprint, tensors, expose=False)
         self._last_contact: float | None = None
         self._commands: queue.Queue[_Command | None] = queue.Queue()
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._wake_addr = f"inproc://mx-hook-wake-{id(self)}"
         self._replies: queue.Queue[tuple[bytes, Reply]] = queue.Queue()
         self._wake_recv = self._ctx.socket(zmq.PULL)
@@ -167,7 +167,8 @@ class RankHook:
         try:
             if op == "prepare_target":
                 if state != "waiting":
-                    return self._reply_error(cmd, f"prepare_target in state {state}")
+                    self._reply_error(cmd, f"prepare_target in state {state}")
+                    return None
                 self._adapter.prepare_target()
                 self._expose()
                 self._set_state("receiving")
@@ -176,7 +177,8 @@ class RankHook:
                 return None
             if op == "load_from_storage":
                 if state not in ("waiting", "receiving"):
-                    return self._reply_error(cmd, f"load_from_storage in state {state}")
+                    self._reply_error(cmd, f"load_from_storage in state {state}")
+                    return None
                 self._set_state("loading")
                 if state == "receiving":
                     self._adapter.reset_for_retry()
@@ -188,7 +190,8 @@ class RankHook:
                 return "loaded"
             if op == "weights_ready":
                 if state != "receiving":
-                    return self._reply_error(cmd, f"weights_ready in state {state}")
+                    self._reply_error(cmd, f"weights_ready in state {state}")
+                    return None
                 self._adapter.after_receive()
                 self._set_state("ready")
                 self._reply_ok(cmd)
@@ -205,7 +208,8 @@ class RankHook:
                 self._state, self._error = "failed", f"{op} failed: {e}"
             self._reply_error(cmd, self._error)
             raise HookError(self._error) from e
-        return self._reply_error(cmd, f"unexpected op {op}")
+        self._reply_error(cmd, f"unexpected op {op}")
+        return None
 
     def _expose(self) -> None:
         manifest = build_manifest(self._identity, self._fingerprint, self._adapter.discover_tensors(), expose=True)
@@ -227,7 +231,6 @@ class RankHook:
 
     def _reply_error(self, cmd: _Command, error: str) -> None:
         self._post(cmd.identity, self._make_reply(cmd.request.id, False, error))
-        return None
 
     def _make_reply(self, req_id: int, ok: bool, error: str = "") -> Reply:
         with self._lock:

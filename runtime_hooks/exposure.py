@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -104,7 +105,7 @@ def build_manifest(identity: ModelIdentity, fp: str, tensors: dict[str, torch.Te
     devices = {t.device.type for t in tensors.values() if t.numel() > 0}
     if len(devices) > 1:
         raise RuntimeError(f"a rank's tensors span several device types: {sorted(devices)}")
-    kind = "cuda_ipc" if devices == {"cuda"} else "shm"
+    kind: Literal["shm", "cuda_ipc"] = "cuda_ipc" if devices == {"cuda"} else "shm"
     if not expose:
         return Manifest(identity.model_id, identity.revision, fp, identity.tp_rank, identity.tp_size, kind, False)
 

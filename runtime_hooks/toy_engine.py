@@ -2,7 +2,7 @@
 
 `python -m runtime_hooks.toy_engine --checkpoint DIR --tp 2` builds empty (uninitialised) tensors for
 every rank with Megatron sharding, starts one RankHook per rank, blocks each rank until the sidecar's
-verdict, prints one JSON line per rank ({"rank", "outcome", "digest", "tensors", "bytes", "seconds"}), and
+verdict, prints one JSON line per rank ({"rank", "outcome", "digests", "tensors", "bytes", "seconds"}), and
 then keeps serving until SIGTERM. `make_checkpoint` writes the matching full safetensors checkpoint.
 """
 
@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import xxhash
@@ -93,14 +94,13 @@ class ToyAdapter(TorchModuleAdapter):
         del derived  # already computed at construction
 
 
-def digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = xxhash.xxh3_64()
+def digests(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Per-tensor xxh3 of the bytes, computed in the engine process (independent of the sidecar's checksums)."""
+    out = {}
     for name in sorted(tensors):
         t = tensors[name].contiguous()
-        h.update(name.encode())
-        if t.numel():
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.uint8 else t.numpy().tobytes())
-    return h.hexdigest()
+        out[name] = xxhash.xxh3_64_hexdigest(t.view(torch.uint8).numpy().data if t.numel() else b"")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     hooks: list[RankHook] = []
-    results: list[dict[str, object]] = []
+    results: list[dict[str, Any]] = []
     lock = threading.Lock()
     failed = threading.Event()
 
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"rank": rank, "error": str(e)}), flush=True)
             failed.set()
             return
-        line = {"rank": rank, "outcome": outcome, "digest": digest(tensors), "tensors": len(tensors),
+        line = {"rank": rank, "outcome": outcome, "digests": digests(tensors), "tensors": len(tensors),
                 "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
                 "seconds": round(time.monotonic() - t0, 3)}
         with lock:

@@ -51,7 +51,7 @@ async def _status(cfg: Config) -> int:
             if blob is None:
                 continue
             try:
-                rec = decode_record(blob)
+                rec = decode_record(blob if isinstance(blob, bytes) else blob.encode())
             except ProtocolError as e:
                 print(f"{key.decode()}: unreadable ({e})")
                 continue

@@ -13,6 +13,7 @@ import secrets
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from typing import Literal
 
 import zmq.asyncio
 
@@ -260,6 +261,9 @@ class Daemon:
             result = "redis_down"
             self.metrics.redis_errors.labels(self.model, "receive").inc()
             self.log.warning("Redis unavailable during receive: %s", e, peer=peer)
+        except Exception:  # a bug or an unforeseen NIXL error: counted and logged loudly, next candidate
+            result = "error"
+            self.log.exception("transfer failed unexpectedly", peer=peer)
         finally:
             self.metrics.transfers.labels(self.model, "target", result).inc()
             if counted:
@@ -404,7 +408,7 @@ class Daemon:
     def _agent_names(self) -> list[str]:
         return [tr.name for tr in self.transports.values()]
 
-    def _mode(self, rm: RankMemory) -> str:
+    def _mode(self, rm: RankMemory) -> Literal["direct", "staged"]:
         if self.cfg.source_mode != "auto":
             return self.cfg.source_mode
         # DRAM registers fine where it lies; CUDA-IPC-imported VRAM does not (DESIGN.md, measured 0.45 GB/s).

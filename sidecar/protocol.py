@@ -94,7 +94,7 @@ class Manifest(msgspec.Struct, frozen=True):
         return sum(t.nbytes for t in self.tensors)
 
 
-class Request(msgspec.Struct, frozen=True):
+class Request(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     v: int
     id: int
     op: Op
@@ -213,7 +213,7 @@ def replica_fingerprint(rank_fingerprints: list[str]) -> str:
 MAX_PEER_MESSAGE_BYTES = 64 << 10
 
 
-class Hello(msgspec.Struct, tag="hello", frozen=True):
+class Hello(msgspec.Struct, tag="hello", frozen=True, forbid_unknown_fields=True):
     v: int
     session: str
     rank: int
@@ -221,27 +221,27 @@ class Hello(msgspec.Struct, tag="hello", frozen=True):
     layout_digest: str
 
 
-class Welcome(msgspec.Struct, tag="welcome", frozen=True):
+class Welcome(msgspec.Struct, tag="welcome", frozen=True, forbid_unknown_fields=True):
     v: int
     session: str
     ok: bool
     error: str = ""
 
 
-class Ready(msgspec.Struct, tag="ready", frozen=True):
+class Ready(msgspec.Struct, tag="ready", frozen=True, forbid_unknown_fields=True):
     v: int
     session: str
     chunk: int
     slot: int
 
 
-class Done(msgspec.Struct, tag="done", frozen=True):
+class Done(msgspec.Struct, tag="done", frozen=True, forbid_unknown_fields=True):
     v: int
     session: str
     chunk: int
 
 
-class Bye(msgspec.Struct, tag="bye", frozen=True):
+class Bye(msgspec.Struct, tag="bye", frozen=True, forbid_unknown_fields=True):
     v: int
     session: str
     ok: bool

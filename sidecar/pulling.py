@@ -50,6 +50,8 @@ async def pull_rank(
         peer = tr.add_peer(src_metadata, src.agent)
     except ValueError as e:
         raise PlanError(str(e)) from None
+    except TransferError as e:
+        raise SourceFailed(str(e)) from e
     session = uuid.uuid4().hex
     inbox = router.open(session, peer)
     total = rank.manifest.total_bytes

@@ -83,7 +83,10 @@ class Transport:
         if expected_name in self._peers:
             self._peers[expected_name] += 1
             return expected_name
-        name = self.agent.add_remote_agent(metadata)
+        try:
+            name = self.agent.add_remote_agent(metadata)
+        except Exception as e:  # NIXL_ERR_BACKEND when UCX cannot reach a dead peer
+            raise TransferError(f"cannot load remote agent {expected_name}: {e}") from e
         name = name.decode() if isinstance(name, bytes) else str(name)
         if name != expected_name:
             self._drop(name)
@@ -107,7 +110,10 @@ class Transport:
             log.debug("remove_remote_agent(%s): %s", name, e)
 
     def send(self, peer: str, msg: bytes) -> None:
-        self.agent.send_notif(peer, msg)
+        try:
+            self.agent.send_notif(peer, msg)
+        except Exception as e:
+            raise TransferError(f"notification to {peer} failed: {e}") from e
 
     # -------------------------------------------------------------- progress
     def start(self, on_notif: Callable[[str, bytes], None]) -> None:
@@ -131,8 +137,11 @@ class Transport:
                    notif: bytes = b"") -> Any:
         lo = self.agent.get_xfer_descs(local, self.mem_type)
         re = self.agent.get_xfer_descs(remote, remote_mem_type)
-        handle = self.agent.initialize_xfer("READ", lo, re, peer, notif)
-        state = self.agent.transfer(handle)
+        try:
+            handle = self.agent.initialize_xfer("READ", lo, re, peer, notif)
+            state = self.agent.transfer(handle)
+        except Exception as e:
+            raise TransferError(f"READ from {peer} failed to start: {e}") from e
         if state == "ERR":
             self.agent.release_xfer_handle(handle)
             raise TransferError(f"READ from {peer} failed to start")

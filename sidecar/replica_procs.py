@@ -1,0 +1,126 @@
+"""Start a replica (toy engine process + sidecar process) on this machine: used by the demo, tests and bench.
+
+Real processes, real sockets: the engine is `python -m runtime_hooks.toy_engine`, the sidecar is
+`python -m sidecar run`, configured only through MX_* variables, exactly as in a pod.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+
+class Proc:
+    """A child process whose output lines are collected in the background."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.lines: list[str] = []
+        self._cv = threading.Condition()
+        self.log_path = log_dir / f"{name}.log"
+        self._log = self.log_path.open("w")
+        self.p = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self._t = threading.Thread(target=self._pump, daemon=True)
+        self._t.start()
+
+    def _pump(self) -> None:
+        assert self.p.stdout is not None
+        for line in self.p.stdout:
+            self._log.write(line)
+            self._log.flush()
+            with self._cv:
+                self.lines.append(line.rstrip("\n"))
+                self._cv.notify_all()
+        with self._cv:
+            self._cv.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
+        """The first output line matching `pattern` (waits on new output, no polling)."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._cv:
+            while True:
+                for line in self.lines[seen:]:
+                    m = rx.search(line)
+                    if m:
+                        return m
+                seen = len(self.lines)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.p.poll() is not None and not self._t.is_alive()):
+                    tail = "\n".join(self.lines[-30:])
+                    raise TimeoutError(f"{self.name}: no line matching {pattern!r} in {timeout:.0f}s; "
+                                       f"exit={self.p.poll()}\n{tail}")
+                self._cv.wait(remaining)
+
+    def signal(self, sig: int) -> None:
+        if self.p.poll() is None:
+            self.p.send_signal(sig)
+
+    def stop(self, timeout: float = 10) -> int:
+        self.signal(signal.SIGTERM)
+        try:
+            return self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            return self.p.wait(5)
+
+
+class Replica:
+    """One inference pod: an engine with `tp` ranks and its sidecar."""
+
+    def __init__(self, name: str, checkpoint: str | Path, redis_url: str, work: Path, tp: int = 2,
+                 model_id: str = "toy-llama", revision: str = "r1", extra_env: dict[str, str] | None = None,
+                 sidecar: bool = True, sidecar_timeout: float = 60.0) -> None:
+        self.name = name
+        self.tp = tp
+        self.address = f"ipc://{work}/{name}.sock"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "MX_ZMQ_ADDRESS": self.address, "MX_REDIS_URL": redis_url,
+               "MX_METRICS_PORT": "0", "MX_METRICS_HOST": "127.0.0.1", "MX_TP_SIZE": str(tp),
+               **(extra_env or {})}
+        self.env = env
+        self.engine = Proc(f"{name}-engine", [sys.executable, "-m", "runtime_hooks.toy_engine", "--checkpoint",
+                                              str(checkpoint), "--tp", str(tp), "--model-id", model_id,
+                                              "--revision", revision, "--sidecar-timeout", str(sidecar_timeout)],
+                           env, work)
+        self.sidecar = Proc(f"{name}-sidecar", [sys.executable, "-m", "sidecar", "run"], env, work) if sidecar else None
+        self._metrics_port: int | None = None
+
+    def engine_results(self, timeout: float = 60) -> dict[int, dict]:  # type: ignore[type-arg]
+        out = {}
+        for r in range(self.tp):
+            m = self.engine.wait_for(rf'^\{{"rank": {r}, .*', timeout)
+            out[r] = json.loads(m.group(0))
+        return out
+
+    @property
+    def metrics_port(self) -> int:
+        if self._metrics_port is None:
+            assert self.sidecar is not None
+            m = self.sidecar.wait_for(r"metrics on http://[^:]+:(\d+)/metrics", 30)
+            self._metrics_port = int(m.group(1))
+        return self._metrics_port
+
+    def http(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}{path}", timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def wait_serving(self, timeout: float = 60) -> None:
+        assert self.sidecar is not None
+        self.sidecar.wait_for(r"serving as a source", timeout)
+
+    def stop(self) -> None:
+        if self.sidecar is not None:
+            self.sidecar.stop()
+        self.engine.stop()

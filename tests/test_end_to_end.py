@@ -1,0 +1,174 @@
+"""Replicas made of real processes: toy engine + `python -m sidecar run`, real Redis, real NIXL over DRAM."""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+
+import redis
+
+from sidecar.protocol import decode_record
+
+
+def _sources(url: str, prefix: str = "mx") -> list[str]:
+    r = redis.Redis.from_url(url)
+    return [decode_record(r.get(k)).replica for k in r.scan_iter(f"{prefix}:*:src:*") if r.get(k)]
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        named = line.startswith((name + "{", name + " "))
+        if named and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(f"{name} {labels} not in metrics")
+
+
+def test_first_replica_loads_from_storage_and_second_receives_identical_bytes_tp2(replicas):
+    a = replicas("a")
+    res_a = a.engine_results()
+    assert [res_a[r]["outcome"] for r in (0, 1)] == ["loaded", "loaded"]
+    a.wait_serving()
+    b = replicas("b")
+    res_b = b.engine_results()
+    assert [res_b[r]["outcome"] for r in (0, 1)] == ["received", "received"]
+    for r in (0, 1):
+        assert res_b[r]["digests"] == res_a[r]["digests"]
+        assert len(res_b[r]["digests"]) == res_a[r]["tensors"] > 20
+    assert res_a[0]["digests"] != res_a[1]["digests"], "ranks must hold different shards"
+
+
+def test_a_third_replica_copies_from_a_target_turned_source(replicas, redis_server):
+    a = replicas("a")
+    a.engine_results()
+    a.wait_serving()
+    b = replicas("b")
+    assert b.engine_results()[0]["outcome"] == "received"
+    b.wait_serving()
+    a.sidecar.stop()  # only the target-turned-source is left
+    deadline = time.monotonic() + 10
+    while len(_sources(redis_server.url)) != 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    c = replicas("c")
+    res_c = c.engine_results()
+    assert res_c[0]["outcome"] == res_c[1]["outcome"] == "received"
+    b_id = re.search(r"published (\S+) as a source", "\n".join(b.sidecar.lines)).group(1)
+    assert c.sidecar.wait_for(rf"pulling .* from {re.escape(b_id)}", 5)
+
+
+def test_replicas_of_different_fingerprints_never_copy_from_each_other(replicas, other_checkpoint):
+    a = replicas("a")
+    a.engine_results()
+    a.wait_serving()
+    b = replicas("b", checkpoint=other_checkpoint)  # float32: another build of the "same" model
+    c = replicas("c", revision="r2")  # another revision
+    for rep in (b, c):
+        res = rep.engine_results()
+        assert res[0]["outcome"] == res[1]["outcome"] == "loaded"
+        rep.sidecar.wait_for(r"phase=role .*: seed \(0 live sources\)", 5)
+        _, text = rep.http("/metrics")
+        assert "mx_transfers_total{" not in text, "no transfer may even be attempted"
+        assert _metric(text, "mx_sources_visible") == 0
+
+
+def test_metrics_expose_transfer_figures_after_a_transfer(replicas):
+    a = replicas("a")
+    a.engine_results()
+    a.wait_serving()
+    b = replicas("b")
+    res = b.engine_results()
+    b.wait_serving()
+    total = sum(res[r]["bytes"] for r in (0, 1))
+    status, text = b.http("/metrics")
+    assert status == 200
+    assert _metric(text, "mx_transfer_bytes_total", role="target", rank="0") == res[0]["bytes"]
+    assert _metric(text, "mx_transfer_bytes_total", role="target", rank="1") == res[1]["bytes"]
+    assert _metric(text, "mx_transfers_total", role="target", result="ok") == 1
+    assert _metric(text, "mx_transfer_duration_seconds_count", role="target") == 1
+    assert _metric(text, "mx_last_transfer_gbps", role="target") > 0
+    assert _metric(text, "mx_role", role="serving") == 1 and _metric(text, "mx_role", role="target") == 0
+    assert _metric(text, "mx_sources_visible") == 1
+    assert _metric(text, "mx_registered_bytes", kind="engine") >= total
+    assert _metric(text, "mx_time_to_ready_seconds", role="target") > 0
+    assert _metric(text, "mx_role_decisions_total", decision="target") == 1
+    assert b.http("/healthz")[0] == 200 and b.http("/readyz")[0] == 200
+    _, text_a = a.http("/metrics")
+    assert _metric(text_a, "mx_serve_sessions_total", result="ok") == 2  # one per rank
+    assert _metric(text_a, "mx_role_decisions_total", decision="seed") == 1
+
+
+def test_sigterm_on_a_source_removes_it_from_redis(replicas, redis_server):
+    a = replicas("a")
+    a.engine_results()
+    a.wait_serving()
+    assert len(_sources(redis_server.url)) == 1
+    a.sidecar.signal(signal.SIGTERM)
+    assert a.sidecar.p.wait(10) == 0
+    assert _sources(redis_server.url) == []
+    assert not [k for k in redis.Redis.from_url(redis_server.url).scan_iter("mx:*") if b":seed" not in k]
+
+
+def test_staged_mode_moves_identical_bytes_through_a_small_ring_on_cpu(replicas):
+    ring = {"MX_SOURCE_MODE": "staged", "MX_STAGING_SLOT_BYTES": "64KiB", "MX_STAGING_SLOTS": "3"}
+    a = replicas("a", extra_env=ring)
+    res_a = a.engine_results()
+    a.wait_serving()
+    b = replicas("b", extra_env=ring)
+    res_b = b.engine_results()
+    assert [res_b[r]["outcome"] for r in (0, 1)] == ["received", "received"]
+    assert all(res_b[r]["digests"] == res_a[r]["digests"] for r in (0, 1))
+    b.sidecar.wait_for(r"phase=transfer .* staged", 5)
+
+
+def test_replicas_started_together_read_storage_once(replicas):
+    reps = [replicas(n) for n in ("a", "b", "c")]
+    outcomes = sorted(rep.engine_results(timeout=120)[0]["outcome"] for rep in reps)
+    assert outcomes == ["loaded", "received", "received"]
+
+
+def test_redis_down_still_starts_the_engine_from_storage(replicas, redis_server):
+    redis_server.stop()
+    a = replicas("a")
+    res = a.engine_results()
+    assert res[0]["outcome"] == "loaded"
+    a.sidecar.wait_for(r"Redis unavailable", 5)
+    _, text = a.http("/metrics")
+    assert _metric(text, "mx_role_decisions_total", decision="redis_down") == 1
+    assert _metric(text, "mx_redis_errors_total", op="decide") >= 1
+
+
+def test_source_republishes_after_a_redis_restart(replicas, redis_server):
+    a = replicas("a")
+    a.engine_results()
+    a.wait_serving()
+    redis_server.restart()  # empty memory, same socket
+    a.sidecar.wait_for(r"Redis forgot this source", 15)
+    deadline = time.monotonic() + 10
+    while not _sources(redis_server.url) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(_sources(redis_server.url)) == 1
+    b = replicas("b")
+    assert b.engine_results()[0]["outcome"] == "received"
+
+
+def test_without_a_sidecar_the_engine_starts_from_storage(replicas):
+    a = replicas("a", sidecar=False, sidecar_timeout=1.0)
+    res = a.engine_results(timeout=30)
+    assert res[0]["outcome"] == res[1]["outcome"] == "loaded_without_sidecar"
+
+
+def test_source_killed_mid_transfer_falls_back_to_storage(replicas):
+    # A tiny ring and slow pacing would be fragile; instead the source's sidecar dies right after publishing
+    # and before the target pulls: the record is still fresh in Redis, the READ finds a dead agent.
+    a = replicas("a", extra_env={"MX_SOURCE_TTL": "30", "MX_HEARTBEAT_INTERVAL": "5"})
+    res_a = a.engine_results()
+    a.wait_serving()
+    a.sidecar.signal(signal.SIGKILL)
+    a.sidecar.p.wait(5)
+    b = replicas("b", extra_env={"MX_STALL_TIMEOUT": "3"})
+    res_b = b.engine_results(timeout=60)
+    assert res_b[0]["outcome"] == res_b[1]["outcome"] == "loaded"
+    assert res_b[0]["digests"] == res_a[0]["digests"]
+    _, text = b.http("/metrics")
+    assert _metric(text, "mx_transfers_total", role="target", result="source_failed") == 1
+    assert _metric(text, "mx_transfers_total", role="target", result="fell_back_to_storage") == 1
