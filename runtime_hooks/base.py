@@ -19,7 +19,7 @@ from typing import Literal, Protocol
 import torch
 import zmq
 
-from runtime_hooks.exposure import ModelIdentity, build_manifest, compute_fingerprint
+from runtime_hooks.exposure import ModelIdentity, build_manifest, compute_fingerprint, share_cpu_storages
 from sidecar.config import Config, rank_address
 from sidecar.protocol import (
     PROTOCOL_VERSION,
@@ -126,6 +126,7 @@ class RankHook:
         timeout = sidecar_timeout if sidecar_timeout is not None else self._cfg.sidecar_timeout
         if not (timeout > 0):
             raise HookError("sidecar_timeout must be > 0")
+        self._preshare()
         t_start = time.monotonic()
         while True:
             last = self._last_contact if self._last_contact is not None else t_start
@@ -144,6 +145,18 @@ class RankHook:
             outcome = self._execute(cmd)
             if outcome is not None:
                 return outcome
+
+    def _preshare(self) -> None:
+        """Move CPU storages into shared memory now, while the sidecar starts up, instead of at expose time.
+
+        Measured: ~1 s per 0.8 GB rank of 500 tensors (torch_shm_manager round trips, page faults); paid here,
+        in parallel with the sidecar's NIXL agent creation, it is off a target's critical path. The tensors an
+        adapter creates later (post-processing) are shared at expose time as before.
+        """
+        t0 = time.monotonic()
+        n = share_cpu_storages(self._adapter.discover_tensors())
+        if n:
+            log.info("rank %d: %d storages moved to shared memory in %.2fs", self.rank, n, time.monotonic() - t0)
 
     def _load_without_sidecar(self, timeout: float) -> Outcome:
         contacted = self._last_contact is not None

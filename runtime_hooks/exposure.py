@@ -100,6 +100,21 @@ def compute_fingerprint(identity: ModelIdentity, tensors: dict[str, torch.Tensor
     return fingerprint(fields, [(n, dtype_name(t.dtype), list(t.shape)) for n, t in tensors.items()])
 
 
+def share_cpu_storages(tensors: dict[str, torch.Tensor]) -> int:
+    """Move every distinct non-empty CPU storage into shared memory in place. Returns how many moved."""
+    moved = 0
+    seen: set[int] = set()
+    for t in tensors.values():
+        st = t.untyped_storage()
+        if t.device.type != "cpu" or st.nbytes() == 0 or st.data_ptr() in seen:
+            continue
+        seen.add(st.data_ptr())
+        if not st.is_shared():
+            st._share_filename_cpu_()  # type: ignore[attr-defined]
+            moved += 1
+    return moved
+
+
 def build_manifest(identity: ModelIdentity, fp: str, tensors: dict[str, torch.Tensor], expose: bool) -> Manifest:
     """Manifest of `tensors`. With expose=True, CPU storages move to shm and GPU ones get IPC handles."""
     devices = {t.device.type for t in tensors.values() if t.numel() > 0}

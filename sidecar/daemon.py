@@ -69,6 +69,8 @@ class Daemon:
         self._t_start = time.monotonic()
         self._engine_released = False
         self._exit_code = 0
+        self._early_agents: asyncio.Task[None] | None = None
+        self._creating: set[tuple[str, int]] = set()
 
     # ------------------------------------------------------------------ entry point
     async def run(self) -> int:
@@ -100,6 +102,10 @@ class Daemon:
 
     async def _life(self, ctx: zmq.asyncio.Context) -> None:
         manifests = await self._connect(ctx)
+        if all(m.memory_kind == "shm" for m in manifests):
+            # Host memory needs one DRAM agent whatever the role: create it (~0.5-1.2 s) while Redis and the
+            # engine work. GPU agents wait for the handles, which name the devices.
+            self._early_agents = asyncio.get_running_loop().create_task(self._create_transports({("DRAM", 0)}))
         keepalive = asyncio.get_running_loop().create_task(self._keepalive())
         try:
             states = await self._states()
@@ -313,13 +319,10 @@ class Daemon:
         for m in manifests:
             self.ranks[m.tp_rank] = RankMemory.import_manifest(m)
         t_import = time.monotonic() - t0
-        missing = {(rm.mem_type, rm.device_id) for rm in self.ranks.values()} - set(self.transports)
         t1 = time.monotonic()
-        created = await asyncio.gather(*(asyncio.to_thread(
-            Transport, f"{self.replica_id}-{mt.lower()}{dev}", mt, dev) for mt, dev in sorted(missing)))
-        for tr in created:
-            self.transports[(tr.mem_type, tr.device_id)] = tr
-            tr.start(self.router)
+        if self._early_agents is not None:
+            await self._early_agents
+        await self._create_transports({(rm.mem_type, rm.device_id) for rm in self.ranks.values()})
         t_agents = time.monotonic() - t1
         t2 = time.monotonic()
         for rm in self.ranks.values():
@@ -328,11 +331,23 @@ class Daemon:
         t_reg = time.monotonic() - t2
         engine_bytes = sum(r.nbytes for rm in self.ranks.values() for r in rm.regions)
         self.metrics.registered_bytes.labels(self.model, "engine").set(engine_bytes)
-        for phase, v in (("import", t_import), ("agents", t_agents), ("register", t_reg)):
+        for phase, v in (("import", t_import), ("register", t_reg)):
             self.metrics.startup_seconds.labels(self.model, phase).set(v)
-        self.log.info("phase=import_register %.2fs (import %.3fs of %d handles, agents %.2fs, register %.3fs, "
+        self.log.info("phase=import_register %.2fs (import %.3fs of %d handles, agents wait %.2fs, register %.3fs, "
                       "%.2f GB)", time.monotonic() - t0, t_import, sum(len(m.handles) for m in manifests), t_agents,
                       t_reg, engine_bytes / 1e9)
+
+    async def _create_transports(self, wanted: set[tuple[str, int]]) -> None:
+        missing = sorted(wanted - set(self.transports) - self._creating)
+        self._creating.update(missing)
+        t0 = time.monotonic()
+        created = await asyncio.gather(*(asyncio.to_thread(
+            Transport, f"{self.replica_id}-{mt.lower()}{dev}", mt, dev) for mt, dev in missing))
+        for tr in created:
+            self.transports[(tr.mem_type, tr.device_id)] = tr
+            tr.start(self.router)
+        if missing:
+            self.metrics.startup_seconds.labels(self.model, "agents").set(time.monotonic() - t0)
 
     async def _serve(self) -> None:
         self.log.info("serving as a source of %s", self.fp[:12])

@@ -92,7 +92,12 @@ def test_metrics_expose_transfer_figures_after_a_transfer(replicas):
     assert _metric(text, "mx_time_to_ready_seconds", role="target") > 0
     assert _metric(text, "mx_role_decisions_total", decision="target") == 1
     assert b.http("/healthz")[0] == 200 and b.http("/readyz")[0] == 200
-    _, text_a = a.http("/metrics")
+    deadline = time.monotonic() + 5  # the source counts a session when the reader's Bye arrives
+    while True:
+        _, text_a = a.http("/metrics")
+        if "mx_serve_sessions_total{" in text_a or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert _metric(text_a, "mx_serve_sessions_total", result="ok") == 2  # one per rank
     assert _metric(text_a, "mx_role_decisions_total", decision="seed") == 1
 
