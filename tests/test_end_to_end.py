@@ -177,3 +177,49 @@ def test_source_killed_mid_transfer_falls_back_to_storage(replicas):
     _, text = b.http("/metrics")
     assert _metric(text, "mx_transfers_total", role="target", result="source_failed") == 1
     assert _metric(text, "mx_transfers_total", role="target", result="fell_back_to_storage") == 1
+
+
+def test_garbage_on_the_engine_socket_and_nixl_channel_is_rejected_and_the_source_keeps_serving(replicas,
+                                                                                                redis_server):
+    import msgpack
+    import zmq
+
+    from sidecar.protocol import decode_reply
+    from sidecar.transport import Transport
+
+    a = replicas("a")
+    res_a = a.engine_results()
+    a.wait_serving()
+    # 1. The engine hook's socket: malformed, wrong version, unknown op, unknown field.
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.RCVTIMEO, 5000)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(a.address.replace(".sock", "-0.sock"))
+    for bad in (b"\xc1\xc1", msgpack.packb({"v": 9, "id": 1, "op": "ping"}),
+                msgpack.packb({"v": 1, "id": 1, "op": "shutdown"}), msgpack.packb({"v": 1, "id": 1, "op": "ping", "z": 1})):
+        s.send(bad)
+        reply = decode_reply(s.recv())
+        assert not reply.ok and reply.error
+    s.close()
+    # 2. The sidecar's NIXL notification channel: a real agent sends garbage and a forged Hello.
+    r = redis.Redis.from_url(redis_server.url)
+    rec = decode_record(r.get(next(iter(r.scan_iter("mx:*:src:*")))))
+    intruder = Transport("intruder", "DRAM", 0)
+    peer = intruder.add_peer(r.get(f"mx:agent:{rec.ranks[0].agent}"), rec.ranks[0].agent)
+    intruder.send(peer, b"\x00not msgpack")
+    intruder.send(peer, msgpack.packb({"type": "hello", "v": 1, "session": "s", "rank": 0, "reader": "nobody",
+                                       "layout_digest": "x"}))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        intruder.agent.get_new_notifs()  # no progress thread: this drives the intruder's sends
+        _, text = a.http("/metrics")
+        if "mx_bad_messages_total{" in text and "mx_serve_sessions_total{" in text:
+            break
+        time.sleep(0.05)
+    assert _metric(text, "mx_bad_messages_total", channel="nixl") >= 1
+    assert _metric(text, "mx_serve_sessions_total", result="refused") >= 1
+    intruder.close()
+    # 3. Still serving: a real target receives identical bytes.
+    b = replicas("b")
+    res_b = b.engine_results()
+    assert res_b[0]["outcome"] == "received" and res_b[0]["digests"] == res_a[0]["digests"]
