@@ -71,6 +71,7 @@ class Daemon:
         self._exit_code = 0
         self._early_agents: asyncio.Task[None] | None = None
         self._creating: set[tuple[str, int]] = set()
+        self._probed: dict[tuple[str, int], Literal["direct", "staged"]] = {}
 
     # ------------------------------------------------------------------ entry point
     async def run(self) -> int:
@@ -286,7 +287,13 @@ class Daemon:
             if self._mode(rm) == "staged" and rm.ring is None and rm.transport is not None:
                 rm.ring = StagingRing(rm.ops, self.cfg.staging_slots, self.cfg.staging_slot_bytes)
                 rm.transport.register(rm.ring.slots)
-                self.metrics.registered_bytes.labels(self.model, "staging").inc(rm.ring.nbytes)
+                await self._probe_mode(rm)
+                if self._mode(rm) == "staged":
+                    self.metrics.registered_bytes.labels(self.model, "staging").inc(rm.ring.nbytes)
+                else:
+                    rm.transport.deregister_last()
+                    rm.ring.close()
+                    rm.ring = None
         if self.cfg.verify == "checksum" and not verified_checksums:
             t1 = time.monotonic()
             sums = await asyncio.gather(*(rm.compute_checksums() for rm in self.ranks.values()))
@@ -426,8 +433,23 @@ class Daemon:
     def _mode(self, rm: RankMemory) -> Literal["direct", "staged"]:
         if self.cfg.source_mode != "auto":
             return self.cfg.source_mode
-        # DRAM registers fine where it lies; CUDA-IPC-imported VRAM does not (DESIGN.md, measured 0.45 GB/s).
-        return "direct" if rm.mem_type == "DRAM" else "staged"
+        # DRAM serves fine where it lies (measured on the CPU machines); imported VRAM is probed once per device
+        # and stays staged until the probe says otherwise (DESIGN.md: 0.45 GB/s when re-exported).
+        if rm.mem_type == "DRAM":
+            return "direct"
+        return self._probed.get((rm.mem_type, rm.device_id), "staged")
+
+    async def _probe_mode(self, rm: RankMemory) -> None:
+        key = (rm.mem_type, rm.device_id)
+        if self.cfg.source_mode != "auto" or rm.mem_type == "DRAM" or key in self._probed or rm.ring is None:
+            return
+        from sidecar.mode_probe import probe_mode
+
+        t0 = time.monotonic()
+        res = await probe_mode(rm, rm.ring.slots[0], f"{self.replica_id}-probe{rm.device_id}")
+        self._probed[key] = res.mode  # type: ignore[assignment]
+        self.log.info("phase=mode_probe %.2fs device %d: imported memory %.2f GB/s, owned %.2f GB/s -> %s",
+                      time.monotonic() - t0, rm.device_id, res.direct_gbps, res.owned_gbps, res.mode, rank=rm.rank)
 
     def _total_bytes(self) -> int:
         return sum(rm.manifest.total_bytes for rm in self.ranks.values())

@@ -70,6 +70,10 @@ class Transport:
         self.registered_bytes += sum(r.nbytes for r in regions)
         return time.monotonic() - t0
 
+    def deregister_last(self) -> None:
+        """Undo the latest register() (a staging ring that the mode probe found unnecessary)."""
+        self.agent.deregister_memory(self._reg.pop())
+
     def metadata(self) -> bytes:
         return bytes(self.agent.get_agent_metadata())
 

@@ -1,0 +1,66 @@
+"""`MX_SOURCE_MODE=auto`: decide direct vs staged serving from a short loopback probe at start-up.
+
+A second, short-lived NIXL agent READs the same number of bytes twice from the main agent: once from
+imported engine memory (what `direct` would serve) and once from a sidecar-owned buffer (what `staged`
+serves). Direct wins only if it reaches half the owned rate: CUDA-IPC-imported memory registered as a NIXL
+source fell to 0.45 GB/s against 303 GB/s for owned memory on 2x H200 (UCX host TCP emulation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from sidecar.memory import Region
+from sidecar.rank_memory import RankMemory
+from sidecar.transport import Transport
+
+log = logging.getLogger("mx.mode_probe")
+
+PROBE_BYTES = 64 << 20
+PROBE_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    mode: str
+    direct_gbps: float
+    owned_gbps: float
+
+
+async def probe_mode(rank: RankMemory, owned: Region, agent_name: str) -> ProbeResult:
+    """Both regions must already be registered with rank.transport."""
+    main = rank.transport
+    assert main is not None
+    src_region = max(rank.regions, key=lambda r: r.nbytes)
+    n = min(PROBE_BYTES, src_region.nbytes, owned.nbytes)
+    probe = await asyncio.to_thread(Transport, agent_name, rank.mem_type, rank.device_id)
+    scratch = rank.ops.alloc(n)
+    try:
+        probe.register([scratch])
+        peer = probe.add_peer(main.metadata(), main.name)
+        local = np.array([(scratch.addr, n, rank.device_id)], dtype=np.uint64)
+        rates = []
+        for remote_addr in (src_region.addr, owned.addr):
+            remote = np.array([(remote_addr, n, rank.device_id)], dtype=np.uint64)
+            t0 = time.perf_counter()
+            h = probe.start_read(local, remote, peer, rank.mem_type)
+            while not probe.poll(h):
+                main.agent.get_new_notifs()  # the serving agent must progress too (TCP emulation needs it)
+                if time.perf_counter() - t0 > PROBE_TIMEOUT_S:
+                    raise TimeoutError("probe READ did not finish")
+                await asyncio.sleep(0)
+            rates.append(n / 1e9 / (time.perf_counter() - t0))
+        direct, owned_rate = rates
+    except Exception as e:  # a probe that cannot run must not pick the risky mode
+        log.warning("mode probe failed (%s): choosing staged", e)
+        return ProbeResult("staged", 0.0, 0.0)
+    finally:
+        probe.close()
+        scratch.close()
+    mode = "direct" if direct >= 0.5 * owned_rate else "staged"
+    return ProbeResult(mode, direct, owned_rate)
