@@ -151,7 +151,7 @@ class Daemon:
         self.server._model = self.model
         self.log.set(model=self.model)
         self.metrics.set_role(self.model, "unknown")
-        self.log.info("phase=connect %.2fs: %d ranks, fingerprint %s", time.monotonic() - t0, tp, self.fp[:12])
+        self.log.info("phase=connect %.2fs: %d ranks, fingerprint %s", time.monotonic() - t0, tp, self.fp)
         return manifests
 
     async def _decide(self) -> tuple[str, list[Candidate]]:

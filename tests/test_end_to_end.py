@@ -195,8 +195,10 @@ def test_garbage_on_the_engine_socket_and_nixl_channel_is_rejected_and_the_sourc
     s.setsockopt(zmq.RCVTIMEO, 5000)
     s.setsockopt(zmq.LINGER, 0)
     s.connect(a.address.replace(".sock", "-0.sock"))
-    for bad in (b"\xc1\xc1", msgpack.packb({"v": 9, "id": 1, "op": "ping"}),
-                msgpack.packb({"v": 1, "id": 1, "op": "shutdown"}), msgpack.packb({"v": 1, "id": 1, "op": "ping", "z": 1})):
+    bad_frames = (b"\xc1\xc1", msgpack.packb({"v": 9, "id": 1, "op": "ping"}),
+                  msgpack.packb({"v": 1, "id": 1, "op": "shutdown"}),
+                  msgpack.packb({"v": 1, "id": 1, "op": "ping", "z": 1}))
+    for bad in bad_frames:
         s.send(bad)
         reply = decode_reply(s.recv())
         assert not reply.ok and reply.error
@@ -223,3 +225,33 @@ def test_garbage_on_the_engine_socket_and_nixl_channel_is_rejected_and_the_sourc
     b = replicas("b")
     res_b = b.engine_results()
     assert res_b[0]["outcome"] == "received" and res_b[0]["digests"] == res_a[0]["digests"]
+
+
+def test_a_source_that_stops_heartbeating_disappears_within_the_ttl(replicas, redis_server):
+    a = replicas("a")  # FAST_ENV: heartbeat 0.5 s, TTL 3 s
+    a.engine_results()
+    a.wait_serving()
+    a.sidecar.signal(signal.SIGKILL)  # no withdrawal: only the TTL can remove it
+    a.sidecar.p.wait(5)
+    t0 = time.monotonic()
+    while _sources(redis_server.url) and time.monotonic() - t0 < 10:
+        time.sleep(0.1)
+    assert _sources(redis_server.url) == []
+    assert time.monotonic() - t0 <= 3.5
+
+
+def test_a_dead_seeders_lease_expires_and_a_waiting_replica_seeds_instead(replicas, redis_server, checkpoint):
+    # Learn the fingerprint from a first replica, then clear Redis and plant a lease as if its seeder had died.
+    a = replicas("a")
+    a.engine_results()
+    a.wait_serving()
+    fp = re.search(r"fingerprint (\w+)", "\n".join(a.sidecar.lines)).group(1)
+    a.stop()
+    r = redis.Redis.from_url(redis_server.url)
+    r.flushall()
+    r.set(f"mx:{fp}:seed", "dead-seeder-1", px=8000)
+    b = replicas("b")
+    b.sidecar.wait_for(r"waiting for seeder dead-seeder-1", 15)
+    res = b.engine_results(timeout=30)
+    assert res[0]["outcome"] == "loaded"
+    b.sidecar.wait_for(r"phase=role .*: seed", 5)
