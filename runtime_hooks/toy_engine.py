@@ -2,8 +2,9 @@
 
 `python -m runtime_hooks.toy_engine --checkpoint DIR --tp 2` builds empty (uninitialised) tensors for
 every rank with Megatron sharding, starts one RankHook per rank, blocks each rank until the sidecar's
-verdict, prints one JSON line per rank ({"rank", "outcome", "digests", "tensors", "bytes", "seconds"}), and
-then keeps serving until SIGTERM. `make_checkpoint` writes the matching full safetensors checkpoint.
+verdict, prints one JSON line per rank ({"rank", "outcome", "digests", "tensors", "bytes", "seconds"}, the
+seconds from building the tensors to the release), and then keeps serving until SIGTERM.
+`make_checkpoint` writes the matching full safetensors checkpoint.
 """
 
 from __future__ import annotations
@@ -75,12 +76,14 @@ def make_checkpoint(path: str | os.PathLike[str], cfg: dict[str, int], dtype: st
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def rank_tensors(cfg: dict[str, int], tp: int, rank: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    ts = {name: torch.empty(shape, dtype=dtype) for name, shape in layout(cfg, tp, rank).items()}
+def rank_tensors(cfg: dict[str, int], tp: int, rank: int, dtype: torch.dtype,
+                 device: str = "cpu") -> dict[str, torch.Tensor]:
+    ts = {name: torch.empty(shape, dtype=dtype, device=device) for name, shape in layout(cfg, tp, rank).items()}
     # Engine state that is not a checkpoint weight: a derived buffer and a zero-byte tensor, as real engines hold.
     head_dim = 64
-    ts["model.rotary_emb.inv_freq"] = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    ts["model.empty_scales"] = torch.empty(0, dtype=dtype)
+    pos = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
+    ts["model.rotary_emb.inv_freq"] = 1.0 / (10000 ** (pos / head_dim))
+    ts["model.empty_scales"] = torch.empty(0, dtype=dtype, device=device)
     return ts
 
 
@@ -98,7 +101,7 @@ def digests(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
     """Per-tensor xxh3 of the bytes, computed in the engine process (independent of the sidecar's checksums)."""
     out = {}
     for name in sorted(tensors):
-        t = tensors[name].contiguous()
+        t = tensors[name].contiguous().cpu()
         out[name] = xxhash.xxh3_64_hexdigest(t.view(torch.uint8).numpy().data if t.numel() else b"")
     return out
 
@@ -112,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--address", default=None, help="default: MX_ZMQ_ADDRESS")
     p.add_argument("--sidecar-timeout", type=float, default=None)
     p.add_argument("--exit-after-ready", action="store_true")
+    p.add_argument("--devices", default="cpu", help="comma-separated device per rank, e.g. cuda:0,cuda:1")
+    p.add_argument("--no-digests", action="store_true", help="skip the per-tensor digests (large GPU models)")
     args = p.parse_args(argv)
     meta = json.loads((Path(args.checkpoint) / "config.json").read_text())
     cfg, dtype_name = meta["mx_toy"], meta["dtype"]
@@ -126,7 +131,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def serve_rank(rank: int) -> None:
         t0 = time.monotonic()
-        tensors = rank_tensors(cfg, args.tp, rank, dtype)
+        devices = args.devices.split(",")
+        device = devices[rank % len(devices)]
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)
+        tensors = rank_tensors(cfg, args.tp, rank, dtype, device)
         ident = ModelIdentity(args.model_id, args.revision, dtype_name, rank, args.tp)
         hook = RankHook(ToyAdapter(tensors, ident, args.checkpoint), args.address)
         with lock:
@@ -137,9 +146,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"rank": rank, "error": str(e)}), flush=True)
             failed.set()
             return
-        line = {"rank": rank, "outcome": outcome, "digests": digests(tensors), "tensors": len(tensors),
-                "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
-                "seconds": round(time.monotonic() - t0, 3)}
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        ready_s = round(time.monotonic() - t0, 3)
+        line = {"rank": rank, "outcome": outcome, "digests": {} if args.no_digests else digests(tensors),
+                "tensors": len(tensors), "seconds": ready_s,
+                "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
         with lock:
             results.append(line)
             print(json.dumps(line), flush=True)
