@@ -1,4 +1,4 @@
-"""`mx-sidecar run | status | config` (also `python -m sidecar ...`)."""
+"""`mx-sidecar run | status | config | bench | demo` (also `python -m sidecar ...`)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,17 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("run", help="run the daemon for the engine at MX_ZMQ_ADDRESS")
     sub.add_parser("status", help="list the live sources registered in MX_REDIS_URL")
+    sub.add_parser("bench", help="CPU benchmark on this machine (as `make bench`)", add_help=False)
+    sub.add_parser("demo", help="end-to-end demo on this machine (as `make demo`)", add_help=False)
     cfg_p = sub.add_parser("config", help="validate the MX_* environment and print it")
     cfg_p.add_argument("--markdown", action="store_true", help="print the settings table for the README")
-    args = p.parse_args(argv)
+    args, rest = p.parse_known_args(argv)
+    if args.cmd in ("bench", "demo"):
+        from importlib import import_module
+
+        return int(import_module(f"sidecar.{args.cmd}").main(rest))
+    if rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.cmd == "config" and args.markdown:
         print(markdown_table())
         return 0
@@ -32,7 +40,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{k} = {v!r}")
         return 0
     if args.cmd == "status":
-        return asyncio.run(_status(cfg))
+        from redis.exceptions import RedisError
+
+        try:
+            return asyncio.run(_status(cfg))
+        except (RedisError, OSError) as e:
+            print(f"mx-sidecar: cannot read {cfg.redis_url}: {e}", file=sys.stderr)
+            return 1
     from sidecar.daemon import run_daemon
 
     return run_daemon(cfg)
