@@ -103,6 +103,10 @@ class Daemon:
 
     async def _life(self, ctx: zmq.asyncio.Context) -> None:
         manifests = await self._connect(ctx)
+        if any(m.memory_kind == "cuda_ipc" for m in manifests):
+            from sidecar.cuda_memory import preload_torch
+
+            preload_torch()  # `import torch` took 4.85 s on the H100 machine: overlap it with the role decision
         if all(m.memory_kind == "shm" for m in manifests):
             # Host memory needs one DRAM agent whatever the role: create it (~0.5-1.2 s) while Redis and the
             # engine work. GPU agents wait for the handles, which name the devices.

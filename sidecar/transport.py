@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +20,11 @@ import numpy as np
 from sidecar.memory import Region
 
 log = logging.getLogger("mx.transport")
+
+# UCX caches memory types per address range; an agent created before CUDA IPC handles were imported then
+# classified the imported VRAM as host memory and registration failed with NIXL_ERR_BACKEND (measured on
+# H100, five orderings, twice). Without the cache the order does not matter. An operator's value wins.
+os.environ.setdefault("UCX_MEMTYPE_CACHE", "n")
 
 IDLE_POLL_S = 0.02
 BUSY_POLL_S = 0.0002

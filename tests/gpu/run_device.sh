@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# GPU check, run on a GPU machine from the repository root (e.g. through the device tool, carrying .whl, which
+# tests/gpu/fetch_wheels.sh fills). Results land in $OUT (default .gpu-out):
+#   check.txt      machine, GPU tests, IPC/NIXL check summary, the UCX protocols chosen
+#   ipc_nixl.json  the IPC + staging + NIXL check (numbers, mismatches, regprobe matrix)
+#   bench.md/.json the benchmark (bench modes)
+#   logs.tgz       everything else (full stderr with UCX_PROTO_INFO tables, sidecar and engine logs)
+#
+#   bash tests/gpu/run_device.sh             # GPU tests + IPC/NIXL check (1 GPU or more)
+#   bash tests/gpu/run_device.sh bench       # + the full benchmark (2 GPUs: source GPU0, target GPU1)
+#   bash tests/gpu/run_device.sh bench-only  # the benchmark alone
+#   bash tests/gpu/run_device.sh smoke       # check + a small benchmark (one GPU is enough)
+set -uo pipefail
+MODE=${1:-check}
+OUT=${OUT:-$PWD/.gpu-out}
+RAW=$OUT/raw
+mkdir -p "$RAW"
+export OUT PYTHONUNBUFFERED=1
+# Never use NVLink multicast on shared hosts (see the device notes).
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+SUMMARY=$OUT/check.txt
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 2; }
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+{
+  echo "== machine"; nvidia-smi -L; nvidia-smi topo -m 2>/dev/null | head -6
+  python3 -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "gpus", torch.cuda.device_count())'
+  python3 -c 'import nixl_cu13, zmq, msgspec, redis; print("nixl_cu13 ok, pyzmq", zmq.__version__, "msgspec", msgspec.__version__, "redis", redis.__version__)'
+  python3 -c 'import time; t = time.time(); import torch; t1 = time.time(); torch.zeros(1, device="cuda"); print(f"import torch {t1 - t:.2f}s, first CUDA tensor {time.time() - t1:.2f}s")'
+} 2>&1 | tee "$SUMMARY"
+
+rc=0
+if [ "$MODE" != "bench-only" ]; then
+  echo "== GPU tests" | tee -a "$SUMMARY"
+  timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu 2>&1 | tail -40 | tee -a "$SUMMARY"
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+
+  echo "== IPC + staging + NIXL check" | tee -a "$SUMMARY"
+  timeout 300 python3 tests/gpu/ipc_nixl_check.py --layers "${MX_CHECK_LAYERS:-16}" \
+    > "$RAW/ipc_nixl_stdout.txt" 2> "$RAW/ipc_nixl_stderr.txt"
+  [ $? = 0 ] || rc=1
+  cp "$RAW/ipc_nixl_stdout.txt" "$OUT/ipc_nixl.json"
+  python3 - "$OUT/ipc_nixl.json" <<'EOF' | tee -a "$SUMMARY"
+import json, sys
+r = json.load(open(sys.argv[1]))
+print("ok:", r.get("ok"), "| error:", r.get("error", "-"))
+e, s, t = r.get("engine", {}), r.get("source", {}), r.get("target", {})
+print(f"engine: {e.get('tensors')} tensors in {e.get('handles')} handles, {e.get('bytes', 0) / 2**30:.2f} GiB, "
+      f"export {e.get('export_s', 0) * 1e3:.1f} ms, uuid {e.get('handle_uuid')} == torch: {r.get('uuid_matches_torch')}")
+print("vmm refused:", r.get("vmm", {}).get("refused"))
+for p in r.get("regprobe", []):
+    print("regprobe:", {k: p.get(k) for k in ("agent_first", "set_device", "cache", "registered", "error")})
+print("source: readback mismatches", s.get("readback_mismatches"), "checksum mismatches", s.get("checksum_mismatches"),
+      f"import {s.get('import_s', 0) * 1e3:.1f} ms, stage copy {s.get('stage_copy_gbps', 0):.0f} GB/s")
+print("target: reads", t.get("reads"), "checksum mismatches", t.get("checksum_mismatches"),
+      "direct imported source:", t.get("direct_imported_source"))
+print("engine bytes equal end to end:", r.get("engine_bytes_equal"))
+EOF
+  # What UCX chose for the READs: cuda_ipc is the fast path; "emulation" or tcp for VRAM means a fallback.
+  grep -E "\| (A|B) |memory read|cuda_ipc|emulation" "$RAW/ipc_nixl_stderr.txt" | sed 's/^\[[0-9.]*\] \[[^]]*\] *//' \
+    > "$RAW/ucx_proto.txt"
+  { echo "== UCX protocol lines mentioning cuda_ipc / emulation (first 30)";
+    grep -E "cuda_ipc|emulation" "$RAW/ucx_proto.txt" | sort | uniq -c | sort -rn | head -30; } | tee -a "$SUMMARY"
+fi
+
+bench() {  # $1: label; env passes MX_BENCH_* and UCX_*
+  echo "== benchmark $1" | tee -a "$SUMMARY"
+  timeout "${MX_BENCH_TIMEOUT:-480}" python3 tests/gpu/gpu_bench.py > "$RAW/bench_$1.txt" 2>&1
+  local brc=$?
+  tail -40 "$RAW/bench_$1.txt" | tee -a "$SUMMARY"
+  return $brc
+}
+
+case "$MODE" in
+  bench|bench-only)
+    bench full || rc=1 ;;
+  smoke)
+    export MX_BENCH_CFG=${MX_BENCH_CFG:-'{"hidden":1024,"intermediate":2816,"layers":8,"vocab":32000,"kv_heads_ratio":4}'}
+    if ! bench smoke_default; then
+      rc=1
+      mv "$OUT/bench_logs.txt" "$RAW/bench_logs_default.txt" 2>/dev/null
+      UCX_MEMTYPE_CACHE=n bench smoke_memtype_cache_n || true
+    fi ;;
+esac
+[ -f "$OUT/bench_logs.txt" ] && mv "$OUT/bench_logs.txt" "$RAW/"
+tar -czf "$OUT/logs.tgz" -C "$OUT" raw && rm -rf "$RAW"
+echo "== done rc=$rc" | tee -a "$SUMMARY"
+exit $rc

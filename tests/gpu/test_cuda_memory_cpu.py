@@ -1,0 +1,59 @@
+"""The GPU modules import and the checksum algorithm is pinned, on a machine without CUDA (CI)."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+
+def test_modules_import_without_touching_cuda() -> None:
+    import sidecar.cuda_memory as cm
+
+    assert cm._driver is None  # nothing loaded libcuda at import
+    ops = cm.CudaOps(3, warm=False)
+    assert ops.mem_type == "VRAM" and ops.device_id == 3
+
+
+def test_hook_module_imports() -> None:
+    pytest.importorskip("torch")
+    import runtime_hooks.cuda_ipc as ci
+
+    assert callable(ci.export_cuda_tensors)
+
+
+def test_reference_checksum_is_pinned() -> None:
+    from sidecar.cuda_memory import reference_checksum
+
+    assert reference_checksum(b"") == "mxs1:0:0000000000000000:00000000"
+    # one word 0x04030201 at position 0 (weight 1); the 5th byte is a zero-padded word at position 1 (weight 2)
+    assert reference_checksum(bytes([1, 2, 3, 4, 5])) == f"mxs1:5:{0x04030201 + 5:016x}:{(0x04030201 + 2 * 5):08x}"
+    words = struct.pack("<2I", 0xFFFFFFFF, 7)
+    p = (1 << 31) - 1
+    assert reference_checksum(words) == f"mxs1:8:{0xFFFFFFFF + 7:016x}:{(0xFFFFFFFF % p + 2 * 7) % p:08x}"
+
+
+def test_reference_checksum_is_position_sensitive() -> None:
+    from sidecar.cuda_memory import reference_checksum
+
+    a = struct.pack("<4I", 1, 2, 3, 4)
+    b = struct.pack("<4I", 2, 1, 3, 4)
+    assert reference_checksum(a) != reference_checksum(b)
+    assert reference_checksum(a) != reference_checksum(a + b"\0")  # the length is part of it
+
+
+def test_uuid_format() -> None:
+    from sidecar.cuda_memory import _norm_uuid, format_uuid
+
+    u = format_uuid(bytes(range(16)))
+    assert u == "GPU-00010203-0405-0607-0809-0a0b0c0d0e0f"
+    assert _norm_uuid(u.upper()) == _norm_uuid(u[4:])
+
+
+def test_preload_torch_runs_once() -> None:
+    from sidecar.cuda_memory import preload_torch
+
+    t1 = preload_torch()
+    t2 = preload_torch()
+    assert t1 is t2
+    t1.join(60)
