@@ -23,6 +23,7 @@ log = logging.getLogger("mx.mode_probe")
 
 PROBE_BYTES = 64 << 20
 PROBE_TIMEOUT_S = 10.0
+MIN_CONCLUSIVE_GBPS = 5.0
 
 
 @dataclass(frozen=True)
@@ -62,5 +63,8 @@ async def probe_mode(rank: RankMemory, owned: Region, agent_name: str) -> ProbeR
     finally:
         probe.close()
         scratch.close()
-    mode = "direct" if direct >= 0.5 * owned_rate else "staged"
+    # Same-GPU loopback may itself fall back to UCX TCP emulation (seen on H100 and 2x H200: owned memory read
+    # at 0.10 GB/s), which says nothing about the cross-GPU path. Such a probe is inconclusive: stay staged.
+    conclusive = owned_rate >= MIN_CONCLUSIVE_GBPS
+    mode = "direct" if conclusive and direct >= 0.5 * owned_rate else "staged"
     return ProbeResult(mode, direct, owned_rate)
