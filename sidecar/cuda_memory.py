@@ -190,6 +190,14 @@ def driver() -> _Driver:
         return _driver
 
 
+def visible_device_count() -> int:
+    """CUDA devices this process sees; 0 where there is no driver (CPU nodes, CI)."""
+    try:
+        return driver().device_count()
+    except (OSError, CudaError):
+        return 0
+
+
 def format_uuid(raw: bytes) -> str:
     """16 UUID bytes in nvidia-smi's form: GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx."""
     h = raw.hex()

@@ -87,10 +87,14 @@ async def pull_rank(
         tr.remove_peer(peer)
     if moved != total:
         raise VerifyError(f"moved {moved} of {total} bytes")
-    dt = time.monotonic() - t0
+    t_end = time.monotonic()
+    dt = t_end - t0
+    setup = (progress.t_first or t_end) - t0
+    stream = moved / 1e9 / max(t_end - (progress.t_first or t0), 1e-9)
     metrics.transfer_bytes.labels(log.extra["model"], str(rank.rank), "target").inc(moved)  # type: ignore[index]
-    log.info("phase=transfer %.2f GB in %.2fs (%.2f GB/s, %s)", moved / 1e9, dt, moved / 1e9 / max(dt, 1e-9),
-             src.mode, rank=rank.rank, peer=src.agent)
+    # "setup" is Hello -> first READ (source attaches to us, first slot filled); "stream" the READs after it.
+    log.info("phase=transfer %.2f GB in %.3fs (%.2f GB/s, %s; setup %.3fs, stream %.2f GB/s)", moved / 1e9, dt,
+             moved / 1e9 / max(dt, 1e-9), src.mode, setup, stream, rank=rank.rank, peer=src.agent)
     return moved
 
 
@@ -141,6 +145,7 @@ async def _direct(cfg: Config, tr: Transport, peer: str, src: RankSource, rank: 
     inflight: list[tuple[Any, int]] = []
     for chunk in chunks:
         local, remote = descriptors(chunk, rank.entry_addrs, rank.device_id, src.entry_addrs, src.device_id)
+        progress.started()
         inflight.append((tr.start_read(local, remote, peer, src.mem_type), chunk.nbytes))
         await _wait_all(tr, inflight, DIRECT_WINDOW - 1, cfg, progress, deadline)
     await _wait_all(tr, inflight, 0, cfg, progress, deadline)
@@ -169,6 +174,7 @@ async def _staged(cfg: Config, tr: Transport, peer: str, session: str, src: Rank
             local, remote = descriptors(chunks[expected], rank.entry_addrs, rank.device_id, slot_addr,
                                         src.device_id)
             done = encode(Done(PROTOCOL_VERSION, session, expected))
+            progress.started()
             inflight.append((tr.start_read(local, remote, peer, src.mem_type, done), chunks[expected].nbytes))
             expected += 1
         now = time.monotonic()
@@ -199,8 +205,13 @@ class _Progress:
     def __init__(self, log: Ctx, rank: int, total: int, t0: float) -> None:
         self._log, self._rank, self._total, self._t0 = log, rank, total, t0
         self.done = 0
+        self.t_first: float | None = None
         self._last_t = t0
         self._last_pct = 0.0
+
+    def started(self) -> None:
+        if self.t_first is None:
+            self.t_first = time.monotonic()
 
     def add(self, n: int) -> None:
         self.done += n

@@ -255,6 +255,9 @@ def pipeline(ckpt: Path, src: int, dst: int, work: Path) -> dict[str, Any]:
                     gb, sec = max((float(a), float(b)) for a, b in tr)
                     out["transfer_s"] = sec
                     out["transfer_gbps"] = gb / sec if sec else None
+                st = re.findall(r"setup ([\d.]+)s, stream ([\d.]+) GB/s", joined)
+                if st:
+                    out["setup_s"], out["stream_gbps"] = float(st[-1][0]), float(st[-1][1])
                 rc = re.findall(r"phase=receive ([\d.]+) GB in ([\d.]+)s", joined)
                 if rc:
                     out["receive_s"] = float(rc[-1][1])
@@ -355,6 +358,10 @@ def summary(r: dict[str, Any]) -> str:
         f"| **our pipeline** (target sidecar, phase=transfer) | **{_f(pipe)} GB/s**, {_f(p.get('transfer_s'))} s |",
         f"| pipeline / raw peer copy | {_f(pipe / ceiling if pipe and ceiling else None)} |",
         f"| pipeline / NIXL owner-registered | {_f(pipe / own_best if pipe and own_best else None)} |",
+        f"| of which session setup (Hello -> first READ) | {_f(p.get('setup_s'), '{:.3f}')} s |",
+        f"| streaming rate after setup (READs through the staging ring) | {_f(p.get('stream_gbps'))} GB/s |",
+        f"| streaming / raw peer copy (one block) | "
+        f"{_f(p['stream_gbps'] / peer['block_gbps'] if p.get('stream_gbps') and peer.get('block_gbps') else None)} |",
         f"| receive incl. verification (phase=receive) | {_f(p.get('receive_gbps'))} GB/s, "
         f"{_f(p.get('receive_s'))} s; verify {_f(p.get('verify_s'))} s |",
         f"| target engine time-to-ready (tensors built -> released on verified weights) | {_f(ready)} s |",
