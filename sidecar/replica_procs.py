@@ -79,7 +79,7 @@ class Replica:
 
     def __init__(self, name: str, checkpoint: str | Path, redis_url: str, work: Path, tp: int = 2,
                  model_id: str = "toy-llama", revision: str = "r1", extra_env: dict[str, str] | None = None,
-                 sidecar: bool = True, sidecar_timeout: float = 60.0) -> None:
+                 sidecar: bool = True, sidecar_timeout: float = 60.0, devices: str = "cpu") -> None:
         self.name = name
         self.tp = tp
         self.address = f"ipc://{work}/{name}.sock"
@@ -89,7 +89,8 @@ class Replica:
         self.env = env
         self.engine = Proc(f"{name}-engine", [sys.executable, "-m", "runtime_hooks.toy_engine", "--checkpoint",
                                               str(checkpoint), "--tp", str(tp), "--model-id", model_id,
-                                              "--revision", revision, "--sidecar-timeout", str(sidecar_timeout)],
+                                              "--revision", revision, "--sidecar-timeout", str(sidecar_timeout),
+                                              "--devices", devices],
                            env, work)
         self.sidecar = Proc(f"{name}-sidecar", [sys.executable, "-m", "sidecar", "run"], env, work) if sidecar else None
         self._metrics_port: int | None = None
