@@ -1,0 +1,144 @@
+"""vLLM (CPU build) with `load_format="mx"`, as real processes: vLLM engines, sidecars, a real Redis (valkey).
+
+Each replica = `python -m tests.vllm.engine` (vLLM V1, its own engine-core and worker processes) + `python -m
+sidecar run`. Equality is proven by outputs (greedy tokens) and by per-tensor digests taken inside the workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Not just "vllm": without vLLM installed, pytest's rootdir on sys.path makes tests/vllm a namespace package.
+pytest.importorskip("vllm.model_executor")
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
+
+from sidecar.embedded_redis import EmbeddedRedis  # noqa: E402
+from tests.vllm.replica import VllmReplica  # noqa: E402
+from tests.vllm.tiny_llama import make_tiny_llama  # noqa: E402
+
+SIDECAR_TIMEOUT = 3
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("vllm-e2e")
+
+
+@pytest.fixture(scope="module")
+def ckpt(work: Path) -> Path:
+    return make_tiny_llama(work / "tiny-bf16", "bfloat16")
+
+
+@pytest.fixture(scope="module")
+def ckpt_fp32(work: Path) -> Path:
+    return make_tiny_llama(work / "tiny-fp32", "float32")
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    with EmbeddedRedis() as r:
+        yield r.url
+
+
+@pytest.fixture(scope="module")
+def replicas(work: Path) -> Iterator[list[VllmReplica]]:
+    made: list[VllmReplica] = []
+    yield made
+    for r in reversed(made):
+        r.stop()
+
+
+def _start(made: list[VllmReplica], *args: object, **kw: object) -> VllmReplica:
+    r = VllmReplica(*args, **kw)  # type: ignore[arg-type]
+    made.append(r)
+    return r
+
+
+@pytest.fixture(scope="module")
+def plain_tokens(ckpt: Path, work: Path, replicas: list[VllmReplica]) -> list[int]:
+    """Plain vLLM, its default loader, no plugin in the path: the reference output."""
+    r = _start(replicas, "plain", ckpt, work, load_format="auto", sidecar=False,
+               engine_args=["--exit-after-ready", "--no-digests"])
+    return r.result()["tokens"]  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def lonely(ckpt: Path, work: Path, replicas: list[VllmReplica]) -> VllmReplica:
+    """`--load-format mx` with no sidecar at all; it also runs the adapter's steps inside its worker."""
+    return _start(replicas, "lonely", ckpt, work, sidecar=False,
+                  extra_env={"MX_SIDECAR_TIMEOUT": str(SIDECAR_TIMEOUT)},
+                  engine_args=["--exit-after-ready", "--check", "adapter_steps"])
+
+
+@pytest.fixture(scope="module")
+def source(ckpt: Path, work: Path, redis_url: str, replicas: list[VllmReplica]) -> tuple[VllmReplica, dict]:
+    a = _start(replicas, "a", ckpt, work, redis_url)
+    res = a.result()
+    a.wait_serving()
+    return a, res
+
+
+def test_without_a_sidecar_vllm_starts_from_storage_within_the_timeout_and_says_so(lonely, plain_tokens):
+    res = lonely.result()
+    assert lonely.outcomes(res) == ["loaded_without_sidecar"]
+    assert res["tokens"] == plain_tokens
+    lonely.engine.wait_for(rf"rank 0: no sidecar answered for {SIDECAR_TIMEOUT}s; loading from storage", 1)
+
+
+def test_a_target_prepared_on_dummy_weights_has_exactly_the_source_layout_and_refreshes_after_receive(lonely):
+    lonely.result()
+    [check] = lonely.check()
+    assert check["loader"] == "MxModelLoader"
+    assert check["only_in_source"] == check["only_in_target"] == []
+    assert check["same_layout"] and check["same_identity"] and check["same_fingerprint"]
+    assert check["dummy_differs"], "the target must start from dummy weights, not real ones"
+    assert check["equal_after_receive"] and check["equal_after_retry"]
+    assert check["zero_byte"], "zero-byte tensors (vLLM's kv_cache placeholders) are part of the manifest"
+    assert any(n.endswith("rotary_emb.cos_sin_cache") for n in check["names"]), "buffers are exposed"
+    assert any(n.endswith("attn._k_scale") for n in check["names"]), "tensor attributes are exposed"
+
+
+def test_second_replica_receives_the_first_ones_weights_and_generates_identical_tokens(
+        source, ckpt, work, redis_url, replicas, plain_tokens):
+    a, res_a = source
+    assert a.outcomes(res_a) == ["loaded"]
+    b = _start(replicas, "b", ckpt, work, redis_url)
+    res_b = b.result()
+    assert b.outcomes(res_b) == ["received"]
+    assert res_b["tokens"] == res_a["tokens"] == plain_tokens
+    assert res_b["ranks"]["0"]["digests"] == res_a["ranks"]["0"]["digests"]
+    assert res_b["ranks"]["0"]["tensors"] >= 25
+    b.sidecar.wait_for(r"phase=verify \d+ checksums match", 10)
+    b.stop()
+
+
+def test_a_checkpoint_of_another_dtype_is_refused_as_target_and_loads_itself(
+        source, ckpt_fp32, work, redis_url, replicas):
+    # vLLM CPU would serve a float32 checkpoint in bfloat16 by default: ask for float32 explicitly.
+    c = _start(replicas, "c", ckpt_fp32, work, redis_url, engine_args=["--dtype", "float32"])
+    res_c = c.result()
+    assert c.outcomes(res_c) == ["loaded"]
+    c.sidecar.wait_for(r"phase=role .*: seed \(0 live sources\)", 10)
+    assert not any("pulling" in line for line in c.sidecar.lines), "no transfer may even be attempted"
+    assert next(iter(res_c["ranks"]["0"]["digests"].values())).startswith("torch.float32")
+    c.stop()
+
+
+def test_tensor_parallel_2_target_receives_each_rank_from_the_same_rank_of_the_source(
+        ckpt, work, redis_url, replicas, plain_tokens):
+    a = _start(replicas, "a2", ckpt, work, redis_url, tp=2)
+    res_a = a.result()
+    assert a.outcomes(res_a) == ["loaded", "loaded"]
+    a.wait_serving()
+    b = _start(replicas, "b2", ckpt, work, redis_url, tp=2)
+    res_b = b.result()
+    assert b.outcomes(res_b) == ["received", "received"]
+    for r in ("0", "1"):
+        assert res_b["ranks"][r]["digests"] == res_a["ranks"][r]["digests"]
+    assert res_a["ranks"]["0"]["digests"] != res_a["ranks"]["1"]["digests"], "ranks hold different shards"
+    assert res_b["tokens"] == res_a["tokens"] == plain_tokens
+    b.stop()
+    a.stop()
