@@ -24,7 +24,6 @@ import gc
 import hashlib
 import json
 import logging
-import os
 import struct
 import threading
 import time
@@ -472,7 +471,9 @@ def _cpu_gemm_features() -> str:
 def _revision(model_config: Any) -> str:
     """MX_MODEL_REVISION, else vLLM's --revision, else (local directory) a digest of its config and weight
     file headers (names, dtypes, shapes, sizes; no weight bytes are read), else "main"."""
-    env = os.environ.get("MX_MODEL_REVISION", "").strip()
+    from sidecar.config import Config
+
+    env = Config.from_env().model_revision
     if env:
         return env
     if model_config.revision:

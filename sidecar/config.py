@@ -158,6 +158,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MX_SIDECAR_TIMEOUT", "sidecar_timeout", 60.0,
             "Engine hook: seconds without a sidecar before the engine loads from storage by itself.",
             _positive_seconds),
+    Setting("MX_MODEL_REVISION", "model_revision", "",
+            "Engine hook (vLLM): the revision in the fingerprint; default: --revision, else a digest of the local "
+            "checkpoint's config and safetensors headers.", _text),
     Setting("MX_LOG_LEVEL", "log_level", "info", "debug, info, warning or error.",
             _choice("debug", "info", "warning", "error")),
 )
@@ -192,6 +195,7 @@ class Config:
     max_metadata_bytes: int
     slow_link_gbps: float
     sidecar_timeout: float
+    model_revision: str
     log_level: str
 
     @classmethod
