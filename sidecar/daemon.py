@@ -12,7 +12,6 @@ import os
 import secrets
 import signal
 import time
-from collections.abc import Awaitable, Callable
 from typing import Literal
 
 import zmq.asyncio
@@ -146,7 +145,7 @@ class Daemon:
                 raise FatalError(f"socket of rank {r} answers as rank {m.tp_rank}/{m.tp_size} of {m.model_id}")
         self.fp = replica_fingerprint([m.fingerprint for m in manifests])
         self.model = self.cfg.model_name or manifests[0].model_id
-        self.server._model = self.model
+        self.server.model = self.model
         self.log.set(model=self.model)
         self.metrics.set_role(self.model, "unknown")
         self.log.info("phase=connect %.2fs: %d ranks, fingerprint %s", time.monotonic() - t0, tp, self.fp)
@@ -503,11 +502,10 @@ class Daemon:
         self.log.info("stopped")
 
 
-def run_daemon(cfg: Config, main: Callable[[Daemon], Awaitable[int]] | None = None) -> int:
+def run_daemon(cfg: Config) -> int:
     import uvloop
 
     async def go() -> int:
-        d = Daemon(cfg)
-        return await (main(d) if main else d.run())
+        return await Daemon(cfg).run()
 
     return uvloop.run(go())

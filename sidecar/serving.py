@@ -35,7 +35,7 @@ class _Session:
 class SourceServer:
     def __init__(self, cfg: Config, model: str, coordinator: Coordinator | None, metrics: Metrics) -> None:
         self._cfg = cfg
-        self._model = model
+        self.model = model
         self._coord = coordinator
         self._m = metrics
         self._ranks: dict[int, RankMemory] = {}
@@ -95,23 +95,23 @@ class SourceServer:
                     async with rank.ring.lock:
                         transport.send(s.peer, encode(Welcome(PROTOCOL_VERSION, s.hello.session, True)))
                         await self._feed_ring(s, rank)
-            log.info("[model=%s role=source rank=%d peer=%s] served a reader", self._model, rank.rank, s.peer)
+            log.info("[model=%s role=source rank=%d peer=%s] served a reader", self.model, rank.rank, s.peer)
         except (ProtocolError, CoordinatorUnavailable) as e:
             result = "refused"
-            log.warning("[model=%s role=source peer=%s] refused reader: %s", self._model, s.peer, e)
+            log.warning("[model=%s role=source peer=%s] refused reader: %s", self.model, s.peer, e)
             if transport is not None and peer_name == s.peer:
                 transport.send(s.peer, encode(Welcome(PROTOCOL_VERSION, s.hello.session, False, str(e))))
         except TimeoutError:
             result = "timeout"
-            log.warning("[model=%s role=source peer=%s] reader stalled; session dropped", self._model, s.peer)
+            log.warning("[model=%s role=source peer=%s] reader stalled; session dropped", self.model, s.peer)
         except Exception as e:  # a dead reader (NIXL_ERR_REMOTE_DISCONNECT) must not take the source down
             result = "error"
-            log.warning("[model=%s role=source peer=%s] session failed: %s", self._model, s.peer, e)
+            log.warning("[model=%s role=source peer=%s] session failed: %s", self.model, s.peer, e)
         finally:
             self._sessions.pop((s.peer, s.hello.session), None)
             if transport is not None and peer_name is not None:
                 transport.remove_peer(peer_name)
-            self._m.serve_sessions.labels(self._model, result).inc()
+            self._m.serve_sessions.labels(self.model, result).inc()
 
     async def _feed_ring(self, s: _Session, rank: RankMemory) -> None:
         ring = rank.ring
