@@ -135,14 +135,11 @@ def sub_disk(path: str, dev: int, cold: bool) -> dict[str, Any]:
     import torch
     from safetensors.torch import load_file
 
+    from sidecar.demo import evict_from_page_cache
+
     f = Path(path) / "model.safetensors"
     if cold:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        evict_from_page_cache(f)
     torch.cuda.init()
     torch.empty(1, device=f"cuda:{dev}")
     t0 = time.perf_counter()
