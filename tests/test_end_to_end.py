@@ -255,3 +255,60 @@ def test_a_dead_seeders_lease_expires_and_a_waiting_replica_seeds_instead(replic
     res = b.engine_results(timeout=30)
     assert res[0]["outcome"] == "loaded"
     b.sidecar.wait_for(r"phase=role .*: seed", 5)
+
+
+def _tamper_record(url: str, edit) -> None:  # type: ignore[no-untyped-def]
+    """Rewrite the one source record in Redis (as a compromised or buggy writer could), keeping its TTL."""
+    import msgspec
+
+    from sidecar.protocol import encode
+
+    r = redis.Redis.from_url(url)
+    key = next(iter(r.scan_iter("mx:*:src:*")))
+    rec = decode_record(r.get(key))
+    ranks = [edit(rank) for rank in rec.ranks]
+    r.set(key, encode(msgspec.structs.replace(rec, ranks=ranks)), keepttl=True)
+
+
+def test_a_forged_record_that_would_write_past_a_tensor_is_refused_before_any_byte_moves(replicas, redis_server):
+    import msgspec
+
+    a = replicas("a", extra_env={"MX_HEARTBEAT_INTERVAL": "5", "MX_SOURCE_TTL": "30"})
+    res_a = a.engine_results()
+    a.wait_serving()
+
+    def stretch(rank):  # type: ignore[no-untyped-def]
+        entries = [msgspec.structs.replace(e, nbytes=e.nbytes * 64) if e.nbytes else e for e in rank.entries]
+        return msgspec.structs.replace(rank, entries=entries)
+
+    _tamper_record(redis_server.url, stretch)
+    b = replicas("b")
+    res_b = b.engine_results(timeout=60)
+    assert res_b[0]["outcome"] == res_b[1]["outcome"] == "loaded"  # from storage, never from the forged plan
+    assert res_b[0]["digests"] == res_a[0]["digests"]
+    _, text = b.http("/metrics")
+    assert _metric(text, "mx_transfers_total", role="target", result="refused_layout") == 1
+    assert "mx_transfer_bytes_total{" not in text or _metric(text, "mx_transfer_bytes_total", rank="0") == 0
+
+
+def test_a_checksum_mismatch_keeps_the_engine_blocked_and_falls_back_to_storage(replicas, redis_server):
+    import msgspec
+
+    a = replicas("a", extra_env={"MX_HEARTBEAT_INTERVAL": "5", "MX_SOURCE_TTL": "30"})
+    res_a = a.engine_results()
+    a.wait_serving()
+
+    def corrupt(rank):  # type: ignore[no-untyped-def]
+        sums = list(rank.checksums)
+        sums[len(sums) // 2] = "xxh3:0000000000000000"
+        return msgspec.structs.replace(rank, checksums=sums)
+
+    _tamper_record(redis_server.url, corrupt)
+    b = replicas("b")
+    res_b = b.engine_results(timeout=60)
+    # The bytes moved, did not verify, and the engine was never released on them: it loaded from storage.
+    assert res_b[0]["outcome"] == res_b[1]["outcome"] == "loaded"
+    assert res_b[0]["digests"] == res_a[0]["digests"]
+    _, text = b.http("/metrics")
+    assert _metric(text, "mx_transfers_total", role="target", result="verify_failed") == 1
+    assert _metric(text, "mx_transfers_total", role="target", result="fell_back_to_storage") == 1
