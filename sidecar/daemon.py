@@ -484,6 +484,11 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         self.metrics.ready = False
+        if self.links and not self._engine_released:
+            # Stopped mid-way (SIGTERM, fatal error): whatever landed in engine memory is void. The hook goes back
+            # to waiting, so a restarted sidecar starts over and a dead one times out into a storage load.
+            with contextlib.suppress(EngineError, TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*(lk.request("abort", 2.0) for lk in self.links)), 3)
         if self.published:
             try:
                 await asyncio.wait_for(self.coord.withdraw(self.fp, self._agent_names()), 5)

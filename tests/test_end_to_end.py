@@ -312,3 +312,29 @@ def test_a_checksum_mismatch_keeps_the_engine_blocked_and_falls_back_to_storage(
     _, text = b.http("/metrics")
     assert _metric(text, "mx_transfers_total", role="target", result="verify_failed") == 1
     assert _metric(text, "mx_transfers_total", role="target", result="fell_back_to_storage") == 1
+
+
+def test_a_target_sidecar_stopped_mid_receive_voids_the_bytes_and_the_engine_waits_again(replicas):
+    import zmq
+
+    from sidecar.protocol import PROTOCOL_VERSION, Request, decode_reply, encode
+
+    a = replicas("a")
+    a.engine_results()
+    a.wait_serving()
+    a.sidecar.signal(signal.SIGSTOP)  # a wedged source: still in Redis, answers nothing
+    try:
+        b = replicas("b", sidecar_timeout=30, extra_env={"MX_STALL_TIMEOUT": "20"})
+        b.sidecar.wait_for(r"pulling .* from", 30)
+        b.sidecar.signal(signal.SIGTERM)
+        assert b.sidecar.p.wait(15) == 0
+        s = zmq.Context.instance().socket(zmq.DEALER)
+        s.setsockopt(zmq.RCVTIMEO, 5000)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(b.address.replace(".sock", "-0.sock"))
+        s.send(encode(Request(PROTOCOL_VERSION, 1, "ping")))
+        reply = decode_reply(s.recv())
+        s.close()
+        assert reply.state == "waiting", "the half-received bytes must be void, the engine blocked"
+    finally:
+        a.sidecar.signal(signal.SIGCONT)
