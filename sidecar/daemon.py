@@ -238,10 +238,21 @@ class Daemon:
             counted = True
             self.log.info("pulling %.2f GB from %s (%s node)", self._total_bytes() / 1e9, peer,
                           "same" if cand.same_node else "other", peer=peer)
-            moved = await asyncio.gather(*(
-                pull_rank(self.cfg, rm, by_rank[r], metas[by_rank[r].agent], self.router, self.metrics, self.log)
-                for r, rm in self.ranks.items()))
-            await asyncio.gather(*(verify_rank(self.cfg, rm, by_rank[r], self.log) for r, rm in self.ranks.items()))
+            tasks = [asyncio.ensure_future(pull_rank(self.cfg, rm, by_rank[r], metas[by_rank[r].agent],
+                                                     self.router, self.metrics, self.log))
+                     for r, rm in self.ranks.items()]
+            try:
+                pulled = await asyncio.gather(*tasks)
+            except BaseException:
+                # One rank failed: stop the others and let them drain their READs before anything else
+                # (a fallback load) touches engine memory.
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+            moved = [n for n, _ in pulled]
+            await asyncio.gather(*(verify_rank(self.cfg, rm, by_rank[r], v, self.log)
+                                   for (r, rm), (_, v) in zip(self.ranks.items(), pulled, strict=True)))
             dt = time.monotonic() - t0
             gbps = sum(moved) / 1e9 / max(dt, 1e-9)
             self.metrics.transfer_seconds.labels(self.model, "target").observe(dt)

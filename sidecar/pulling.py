@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from sidecar.config import Config
@@ -31,6 +33,42 @@ class SourceFailed(RuntimeError):
     pass
 
 
+class StreamingVerifier:
+    """Checksums each entry in a worker thread as soon as its last byte landed, while later chunks still stream.
+
+    Measured on 2x H200: checksumming 9.65 GiB after the transfer took 0.23 s, twice the transfer itself.
+    Entries are only read here once complete and never written again by this attempt, so the overlap is safe.
+    """
+
+    def __init__(self, rank: RankMemory) -> None:
+        self._rank = rank
+        self._left = [e.nbytes for e in rank.manifest.tensors]
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"mx-verify-{rank.rank}")
+        self._futs: dict[int, Future[str]] = {}
+
+    def chunk_done(self, chunk: Chunk) -> None:
+        for p in chunk.pieces:
+            self._left[p.entry] -= p.nbytes
+            if self._left[p.entry] == 0:
+                self._submit(p.entry)
+
+    def _submit(self, i: int) -> None:
+        e = self._rank.manifest.tensors[i]
+        self._futs[i] = self._pool.submit(self._rank.ops.checksum, self._rank.entry_addrs[i], e.nbytes)
+
+    async def results(self) -> list[str]:
+        for i in range(len(self._left)):
+            if i not in self._futs:  # zero-byte entries (no chunk names them)
+                self._submit(i)
+        try:
+            return [await asyncio.wrap_future(self._futs[i]) for i in range(len(self._left))]
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 async def pull_rank(
     cfg: Config,
     rank: RankMemory,
@@ -39,8 +77,10 @@ async def pull_rank(
     router: PeerRouter,
     metrics: Metrics,
     log: Ctx,
-) -> int:
-    """Move every byte of `rank` from `src`; returns bytes moved. Raises SourceFailed/VerifyError/PlanError."""
+) -> tuple[int, StreamingVerifier | None]:
+    """Move every byte of `rank` from `src`; returns bytes moved and the running checksums (MX_VERIFY=checksum).
+
+    Raises SourceFailed/VerifyError/PlanError."""
     tr = rank.transport
     assert tr is not None
     check_entries_match(src.entries, rank.manifest)  # before any byte moves
@@ -57,28 +97,37 @@ async def pull_rank(
     total = rank.manifest.total_bytes
     moved = 0
     t0 = time.monotonic()
+    verifier = StreamingVerifier(rank) if cfg.verify == "checksum" else None
+    inflight: list[tuple[Any, Chunk]] = []
     try:
         with tr.busy():
             tr.send(peer, encode(Hello(PROTOCOL_VERSION, session, rank.rank, tr.name, rank.manifest.layout_digest)))
             welcome = await _next(inbox, cfg.stall_timeout, "Welcome")
             if not isinstance(welcome, Welcome) or not welcome.ok:
                 raise SourceFailed(f"source refused: {getattr(welcome, 'error', welcome)}")
-            progress = _Progress(log, rank.rank, total, t0)
+            progress = _Progress(log, rank.rank, total, t0, verifier.chunk_done if verifier else None)
             deadline = t0 + cfg.transfer_timeout
             if src.mode == "staged":
                 slot_bytes = {n for _, n in src.slots}
                 if len(slot_bytes) != 1:
                     raise PlanError("source slots of unequal size")
                 chunks = chunk_plan(rank.manifest.tensors, slot_bytes.pop())
-                moved = await _staged(cfg, tr, peer, session, src, rank, chunks, inbox, progress, deadline)
+                moved = await _staged(cfg, tr, peer, session, src, rank, chunks, inbox, progress, deadline,
+                                      inflight)
             else:
                 chunks = chunk_plan(rank.manifest.tensors, cfg.staging_slot_bytes)
-                moved = await _direct(cfg, tr, peer, src, rank, chunks, progress, deadline)
-    except TransferError as e:
-        raise SourceFailed(str(e)) from e
-    except TimeoutError as e:
-        raise SourceFailed(f"source stalled for {cfg.stall_timeout:.0f}s") from e
+                moved = await _direct(cfg, tr, peer, src, rank, chunks, progress, deadline, inflight)
+    except BaseException as e:
+        if verifier is not None:
+            verifier.close()
+        if isinstance(e, TransferError):
+            raise SourceFailed(str(e)) from e
+        if isinstance(e, TimeoutError):
+            raise SourceFailed(f"source stalled for {cfg.stall_timeout:.0f}s") from e
+        raise
     finally:
+        # Never leave a READ in flight: it could land after a fallback wrote these tensors from storage.
+        await _drain(tr, inflight, cfg.stall_timeout, log, rank.rank)
         router.close(session)
         try:
             tr.send(peer, encode(Bye(PROTOCOL_VERSION, session, moved == total)))
@@ -86,6 +135,8 @@ async def pull_rank(
             log.debug("bye not sent: %s", e, rank=rank.rank)
         tr.remove_peer(peer)
     if moved != total:
+        if verifier is not None:
+            verifier.close()
         raise VerifyError(f"moved {moved} of {total} bytes")
     t_end = time.monotonic()
     dt = t_end - t0
@@ -95,22 +146,25 @@ async def pull_rank(
     # "setup" is Hello -> first READ (source attaches to us, first slot filled); "stream" the READs after it.
     log.info("phase=transfer %.2f GB in %.3fs (%.2f GB/s, %s; setup %.3fs, stream %.2f GB/s)", moved / 1e9, dt,
              moved / 1e9 / max(dt, 1e-9), src.mode, setup, stream, rank=rank.rank, peer=src.agent)
-    return moved
+    return moved, verifier
 
 
-async def verify_rank(cfg: Config, rank: RankMemory, src: RankSource, log: Ctx) -> None:
+async def verify_rank(cfg: Config, rank: RankMemory, src: RankSource, verifier: StreamingVerifier | None,
+                      log: Ctx) -> None:
     """Sizes always (checked by the plan); checksums of every entry when MX_VERIFY=checksum."""
-    if cfg.verify != "checksum":
+    if cfg.verify != "checksum" or verifier is None:
         return
     if not src.checksums:
+        verifier.close()
         raise VerifyError("MX_VERIFY=checksum but the source published no checksums")
     t0 = time.monotonic()
-    mine = await rank.compute_checksums()
+    mine = await verifier.results()  # mostly computed already, while the transfer streamed
     bad = [e.name for e, a, b in zip(rank.manifest.tensors, mine, src.checksums, strict=True) if a != b]
     if bad:
         raise VerifyError(f"{len(bad)} tensors differ from the source, e.g. {bad[:3]}")
     rank.checksums = mine
-    log.info("phase=verify %d checksums match in %.2fs", len(mine), time.monotonic() - t0, rank=rank.rank)
+    log.info("phase=verify %d checksums match, %.3fs after the last byte", len(mine), time.monotonic() - t0,
+             rank=rank.rank)
 
 
 async def _next(inbox: asyncio.Queue[Welcome | Ready], timeout: float, what: str) -> Welcome | Ready:
@@ -120,18 +174,18 @@ async def _next(inbox: asyncio.Queue[Welcome | Ready], timeout: float, what: str
         raise SourceFailed(f"no {what} from the source within {timeout:.0f}s") from None
 
 
-async def _wait_all(tr: Transport, inflight: list[tuple[Any, int]], keep: int, cfg: Config,
+async def _wait_all(tr: Transport, inflight: list[tuple[Any, Chunk]], keep: int, cfg: Config,
                     progress: _Progress, deadline: float) -> None:
     """Drive in-flight READs until at most `keep` remain."""
     last = time.monotonic()
     while len(inflight) > keep:
         still = []
-        for h, n in inflight:
+        for h, c in inflight:
             if tr.poll(h):
-                progress.add(n)
+                progress.add(c)
                 last = time.monotonic()
             else:
-                still.append((h, n))
+                still.append((h, c))
         inflight[:] = still
         if len(inflight) > keep:
             now = time.monotonic()
@@ -140,13 +194,30 @@ async def _wait_all(tr: Transport, inflight: list[tuple[Any, int]], keep: int, c
             await asyncio.sleep(0.0002)
 
 
+async def _drain(tr: Transport, inflight: list[tuple[Any, Chunk]], timeout: float, log: Ctx, rank: int) -> None:
+    end = time.monotonic() + timeout
+    while inflight:
+        still = []
+        for h, c in inflight:
+            try:
+                if not tr.poll(h):
+                    still.append((h, c))
+            except TransferError:
+                pass  # failed: it writes nothing more
+        inflight[:] = still
+        if inflight and time.monotonic() > end:
+            log.error("%d READs still in flight after %.0fs; removing the peer", len(inflight), timeout, rank=rank)
+            return
+        if inflight:
+            await asyncio.sleep(0.001)
+
+
 async def _direct(cfg: Config, tr: Transport, peer: str, src: RankSource, rank: RankMemory, chunks: list[Chunk],
-                  progress: _Progress, deadline: float) -> int:
-    inflight: list[tuple[Any, int]] = []
+                  progress: _Progress, deadline: float, inflight: list[tuple[Any, Chunk]]) -> int:
     for chunk in chunks:
         local, remote = descriptors(chunk, rank.entry_addrs, rank.device_id, src.entry_addrs, src.device_id)
         progress.started()
-        inflight.append((tr.start_read(local, remote, peer, src.mem_type), chunk.nbytes))
+        inflight.append((tr.start_read(local, remote, peer, src.mem_type), chunk))
         await _wait_all(tr, inflight, DIRECT_WINDOW - 1, cfg, progress, deadline)
     await _wait_all(tr, inflight, 0, cfg, progress, deadline)
     return progress.done
@@ -154,8 +225,7 @@ async def _direct(cfg: Config, tr: Transport, peer: str, src: RankSource, rank: 
 
 async def _staged(cfg: Config, tr: Transport, peer: str, session: str, src: RankSource, rank: RankMemory,
                   chunks: list[Chunk], inbox: asyncio.Queue[Welcome | Ready], progress: _Progress,
-                  deadline: float) -> int:
-    inflight: list[tuple[Any, int]] = []
+                  deadline: float, inflight: list[tuple[Any, Chunk]]) -> int:
     expected = 0
     last = time.monotonic()
     while expected < len(chunks) or inflight:
@@ -175,7 +245,7 @@ async def _staged(cfg: Config, tr: Transport, peer: str, session: str, src: Rank
                                         src.device_id)
             done = encode(Done(PROTOCOL_VERSION, session, expected))
             progress.started()
-            inflight.append((tr.start_read(local, remote, peer, src.mem_type, done), chunks[expected].nbytes))
+            inflight.append((tr.start_read(local, remote, peer, src.mem_type, done), chunks[expected]))
             expected += 1
         now = time.monotonic()
         if msg is not None or progress.done != before:
@@ -189,21 +259,23 @@ async def _staged(cfg: Config, tr: Transport, peer: str, session: str, src: Rank
     return progress.done
 
 
-def _poll_once(tr: Transport, inflight: list[tuple[Any, int]], progress: _Progress) -> None:
+def _poll_once(tr: Transport, inflight: list[tuple[Any, Chunk]], progress: _Progress) -> None:
     still = []
-    for h, n in inflight:
+    for h, c in inflight:
         if tr.poll(h):
-            progress.add(n)
+            progress.add(c)
         else:
-            still.append((h, n))
+            still.append((h, c))
     inflight[:] = still
 
 
 class _Progress:
     """Logs percent and GB/s every 2 s or 25%, whichever comes first."""
 
-    def __init__(self, log: Ctx, rank: int, total: int, t0: float) -> None:
+    def __init__(self, log: Ctx, rank: int, total: int, t0: float,
+                 on_chunk: Callable[[Chunk], None] | None = None) -> None:
         self._log, self._rank, self._total, self._t0 = log, rank, total, t0
+        self._on_chunk = on_chunk
         self.done = 0
         self.t_first: float | None = None
         self._last_t = t0
@@ -213,7 +285,10 @@ class _Progress:
         if self.t_first is None:
             self.t_first = time.monotonic()
 
-    def add(self, n: int) -> None:
+    def add(self, chunk: Chunk) -> None:
+        if self._on_chunk is not None:
+            self._on_chunk(chunk)
+        n = chunk.nbytes
         self.done += n
         now = time.monotonic()
         pct = 100.0 * self.done / max(self._total, 1)

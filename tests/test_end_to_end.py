@@ -319,10 +319,10 @@ def test_a_target_sidecar_stopped_mid_receive_voids_the_bytes_and_the_engine_wai
 
     from sidecar.protocol import PROTOCOL_VERSION, Request, decode_reply, encode
 
-    a = replicas("a")
+    a = replicas("a", extra_env={"MX_HEARTBEAT_INTERVAL": "5", "MX_SOURCE_TTL": "30"})
     a.engine_results()
     a.wait_serving()
-    a.sidecar.signal(signal.SIGSTOP)  # a wedged source: still in Redis, answers nothing
+    a.sidecar.signal(signal.SIGSTOP)  # a wedged source: still in Redis (long TTL), answers nothing
     try:
         b = replicas("b", sidecar_timeout=30, extra_env={"MX_STALL_TIMEOUT": "20"})
         b.sidecar.wait_for(r"pulling .* from", 30)
