@@ -58,7 +58,8 @@ def run_mode(ckpt: Path, url: str, work: Path, mode: str) -> dict[str, float]:
             _, text = tgt.http("/metrics")
             log = "\n".join(tgt.sidecar.lines) if tgt.sidecar else ""
             transfer_s = max(float(x) for x in re.findall(r"phase=transfer [\d.]+ GB in ([\d.]+)s", log))
-            verify_s = max([float(x) for x in re.findall(r"phase=verify .* in ([\d.]+)s", log)] or [0.0])
+            verify = re.findall(r"phase=verify .*, ([\d.]+)s after the last byte", log)
+            verify_s = max([float(x) for x in verify] or [0.0])
             ok = all(tgt_res[r]["digests"] == src_res[r]["digests"] for r in range(tgt.tp))
             outcomes = {tgt_res[r]["outcome"] for r in range(tgt.tp)}
             if not ok or outcomes != {"received"}:

@@ -259,7 +259,7 @@ def pipeline(ckpt: Path, src: int, dst: int, work: Path) -> dict[str, Any]:
                 if rc:
                     out["receive_s"] = float(rc[-1][1])
                     out["receive_gbps"] = float(rc[-1][0]) / float(rc[-1][1])
-                vf = re.findall(r"phase=verify .* in ([\d.]+)s", joined)
+                vf = re.findall(r"phase=verify .*, ([\d.]+)s after the last byte", joined)
                 out["verify_s"] = float(vf[-1]) if vf else None
                 out["target_startup"] = {p: metric(text, "mx_startup_seconds", f'phase="{p}"')
                                          for p in ("agents", "import", "register")}
