@@ -24,6 +24,16 @@ def _metric(text: str, name: str, **labels: str) -> float:
     raise KeyError(f"{name} {labels} not in metrics")
 
 
+def _assert_fell_back_to_storage(b, res_a, result: str) -> None:  # type: ignore[no-untyped-def]
+    """Replica b's one attempt failed with `result`; its engine loaded from storage, bytes equal to a's."""
+    res_b = b.engine_results(timeout=60)
+    assert res_b[0]["outcome"] == res_b[1]["outcome"] == "loaded"
+    assert res_b[0]["digests"] == res_a[0]["digests"]
+    _, text = b.http("/metrics")
+    assert _metric(text, "mx_transfers_total", role="target", result=result) == 1
+    assert _metric(text, "mx_transfers_total", role="target", result="fell_back_to_storage") == 1
+
+
 def test_first_replica_loads_from_storage_and_second_receives_identical_bytes_tp2(replicas):
     a = replicas("a")
     res_a = a.engine_results()
@@ -171,12 +181,7 @@ def test_source_killed_mid_transfer_falls_back_to_storage(replicas):
     a.sidecar.signal(signal.SIGKILL)
     a.sidecar.p.wait(5)
     b = replicas("b", extra_env={"MX_STALL_TIMEOUT": "3"})
-    res_b = b.engine_results(timeout=60)
-    assert res_b[0]["outcome"] == res_b[1]["outcome"] == "loaded"
-    assert res_b[0]["digests"] == res_a[0]["digests"]
-    _, text = b.http("/metrics")
-    assert _metric(text, "mx_transfers_total", role="target", result="source_failed") == 1
-    assert _metric(text, "mx_transfers_total", role="target", result="fell_back_to_storage") == 1
+    _assert_fell_back_to_storage(b, res_a, "source_failed")
 
 
 def test_garbage_on_the_engine_socket_and_nixl_channel_is_rejected_and_the_source_keeps_serving(replicas,
@@ -305,13 +310,8 @@ def test_a_checksum_mismatch_keeps_the_engine_blocked_and_falls_back_to_storage(
 
     _tamper_record(redis_server.url, corrupt)
     b = replicas("b")
-    res_b = b.engine_results(timeout=60)
     # The bytes moved, did not verify, and the engine was never released on them: it loaded from storage.
-    assert res_b[0]["outcome"] == res_b[1]["outcome"] == "loaded"
-    assert res_b[0]["digests"] == res_a[0]["digests"]
-    _, text = b.http("/metrics")
-    assert _metric(text, "mx_transfers_total", role="target", result="verify_failed") == 1
-    assert _metric(text, "mx_transfers_total", role="target", result="fell_back_to_storage") == 1
+    _assert_fell_back_to_storage(b, res_a, "verify_failed")
 
 
 def test_a_target_sidecar_stopped_mid_receive_voids_the_bytes_and_the_engine_waits_again(replicas):
