@@ -44,6 +44,14 @@ class Candidate:
     same_node: bool
 
 
+def _fresh(beat: bytes, now: float) -> bool:
+    try:
+        ts, ttl = (float(x) for x in beat.split())
+    except ValueError:
+        return False
+    return now - ts <= ttl
+
+
 class Coordinator:
     def __init__(self, url: str, prefix: str, replica_id: str, node: str, source_ttl: float,
                  max_record_bytes: int, max_metadata_bytes: int) -> None:
@@ -102,7 +110,7 @@ class Coordinator:
         fp, rid = rec.fingerprint, rec.replica
         pipe = self._r.pipeline(transaction=True)
         pipe.set(self._k(fp, "src", rid), encode(rec), px=self._ttl_ms)
-        pipe.set(self._k(fp, "hb", rid), repr(time.time()), px=self._ttl_ms)
+        pipe.set(self._k(fp, "hb", rid), self._beat(), px=self._ttl_ms)
         pipe.sadd(self._k(fp, "sources"), rid)
         await self._call("publish", pipe.execute())
         log.info("published %s as a source of %s (%d ranks)", rid, fp[:12], len(rec.ranks))
@@ -110,12 +118,17 @@ class Coordinator:
     async def heartbeat(self, fp: str, agent_names: list[str]) -> bool:
         """Tiny beat. False when Redis forgot the record (restart, eviction): the caller re-publishes."""
         pipe = self._r.pipeline(transaction=False)
-        pipe.set(self._k(fp, "hb", self.replica_id), repr(time.time()), px=self._ttl_ms)
+        pipe.set(self._k(fp, "hb", self.replica_id), self._beat(), px=self._ttl_ms)
         pipe.pexpire(self._k(fp, "src", self.replica_id), self._ttl_ms)
         for a in agent_names:
             pipe.pexpire(f"{self._p}:agent:{a}", self._ttl_ms)
         res = await self._call("heartbeat", pipe.execute())
         return bool(res[1]) and all(bool(x) for x in res[2:])
+
+    def _beat(self) -> str:
+        # The source's own TTL travels with the beat: a reader configured with a shorter TTL must not call a
+        # source stale that beats as often as *its* settings ask (seen: TTL 3 s reader vs 5 s heartbeats).
+        return f"{time.time()!r} {self._ttl_s!r}"
 
     async def withdraw(self, fp: str, agent_names: list[str]) -> None:
         pipe = self._r.pipeline(transaction=True)
@@ -138,7 +151,7 @@ class Coordinator:
             if hb is None or blob is None:
                 await self._call("prune", self._r.srem(self._k(fp, "sources"), rid))
                 continue
-            if now - float(hb) > self._ttl_s:  # freshness check on top of the TTL
+            if not _fresh(hb, now):  # freshness check on top of the key's TTL
                 continue
             try:
                 rec = decode_record(blob, self._max_record)
