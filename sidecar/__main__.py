@@ -55,8 +55,13 @@ def main(argv: list[str] | None = None) -> int:
 async def _status(cfg: Config) -> int:
     import redis.asyncio as aioredis
 
-    from sidecar.protocol import ProtocolError, decode_record
+    from sidecar.auth import AuthError, Keyring
+    from sidecar.coordinator import open_record
+    from sidecar.protocol import ProtocolError
 
+    keys = Keyring.from_file(cfg.auth_key_file)
+    auth = "authenticated with the deployment key" if keys.enabled else "UNAUTHENTICATED (no MX_AUTH_KEY_FILE)"
+    print(f"records: {auth}")
     r = aioredis.Redis.from_url(cfg.redis_url, socket_timeout=5)
     try:
         found = 0
@@ -65,7 +70,11 @@ async def _status(cfg: Config) -> int:
             if blob is None:
                 continue
             try:
-                rec = decode_record(blob if isinstance(blob, bytes) else blob.encode())
+                rec = open_record(keys, key.decode(), blob if isinstance(blob, bytes) else blob.encode(),
+                                  cfg.max_message_bytes)
+            except AuthError as e:
+                print(f"{key.decode()}: REFUSED, not authenticated ({e.reason})")
+                continue
             except ProtocolError as e:
                 print(f"{key.decode()}: unreadable ({e})")
                 continue

@@ -115,9 +115,6 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MX_METRICS_HOST", "metrics_host", "0.0.0.0", "Address the HTTP server binds.", _text),
     Setting("MX_METRICS_PORT", "metrics_port", 9400,
             "Port of /metrics, /healthz, /readyz (0: any free port, logged at start).", _port),
-    Setting("MX_VERIFY", "verify", "checksum",
-            "`size`: byte counts only; `checksum`: per-tensor checksums must match the source's.",
-            _choice("size", "checksum")),
     Setting("MX_SOURCE_MODE", "source_mode", "auto",
             "`direct`: peers read engine memory; `staged`: peers read a sidecar-owned ring; "
             "`auto`: direct for DRAM, staged for CUDA-IPC-imported GPU memory.", _choice("auto", "staged", "direct")),
@@ -163,7 +160,19 @@ SETTINGS: tuple[Setting, ...] = (
             "checkpoint's config and safetensors headers.", _text),
     Setting("MX_LOG_LEVEL", "log_level", "info", "debug, info, warning or error.",
             _choice("debug", "info", "warning", "error")),
+    Setting("MX_AUTH_KEY_FILE", "auth_key_file", "",
+            "File holding the deployment key (>= 32 bytes, a Kubernetes Secret) that authenticates Redis records, "
+            "peer messages and engine commands; empty: everything runs UNAUTHENTICATED (logged, in metrics).",
+            _text),
+    Setting("MX_TEST_FAILPOINTS", "test_failpoints", "",
+            "Tests only: `name=action,...` fault injection (sidecar/failpoints.py); never set in production.",
+            _text),
 )
+
+# Settings that existed once: refusing them beats silently ignoring what an operator asked for.
+REMOVED = {
+    "MX_VERIFY": ("checksum", "removed: checksums always decide a release (a size check let a wrong chunk through)"),
+}
 
 
 @dataclass(frozen=True)
@@ -176,7 +185,6 @@ class Config:
     node_name: str
     metrics_host: str
     metrics_port: int
-    verify: Literal["size", "checksum"]
     source_mode: Literal["auto", "staged", "direct"]
     staging_slots: int
     staging_slot_bytes: int
@@ -197,6 +205,8 @@ class Config:
     sidecar_timeout: float
     model_revision: str
     log_level: str
+    auth_key_file: str
+    test_failpoints: str
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Config:
@@ -212,6 +222,10 @@ class Config:
                 values[s.field] = s.parse(raw)
             except ValueError as e:
                 errors.append(f"{s.env}={raw!r}: {e}")
+        for name, (allowed, why) in REMOVED.items():
+            raw = env.get(name)
+            if raw and raw.strip().lower() != allowed:
+                errors.append(f"{name}={raw!r}: {why}")
         values.update(overrides)
         if errors:
             raise ConfigError("invalid configuration: " + "; ".join(errors))
