@@ -236,6 +236,7 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         self.metrics.ready = False
+        await self.failpoints.ahit("shutdown")  # tests: keep /healthz observable a moment before the exit
         await self.sup.close()
         if self.engine.links and not self._released and not self._no_verdict:
             # Stopped mid-way (SIGTERM, fatal error) with every READ fenced: whatever landed is void. The hook

@@ -68,6 +68,12 @@ class EmbeddedRedis:
                 self.proc.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    def down(self) -> None:
+        """Kill the server, keep its socket directory: `start()` brings it back empty (an outage)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
     def restart(self) -> None:
         """Stop and start on the same socket, with empty memory (as a Redis restart without persistence)."""
         if self.proc and self.proc.poll() is None:

@@ -115,7 +115,7 @@ def test_pings_during_a_long_prepare_are_answered_with_the_preparing_state(make_
 
 
 def test_a_silent_owner_is_taken_over_only_after_the_timeout_and_post_processing_runs_once(make_hook):
-    h, adapter, addr, out, _ = make_hook(timeout=1.0)
+    _h, adapter, addr, out, _ = make_hook(timeout=1.0)
     old, new = Client(addr, "old"), Client(addr, "new")
     assert old.ask("prepare_target").ok
     r = new.ask("abort")
@@ -131,7 +131,7 @@ def test_a_silent_owner_is_taken_over_only_after_the_timeout_and_post_processing
 
 
 def test_without_any_sidecar_the_hook_loads_from_storage_but_never_over_a_prepared_target(make_hook):
-    h, adapter, addr, out, t = make_hook(timeout=0.5)
+    _h, adapter, addr, out, t = make_hook(timeout=0.5)
     c = Client(addr, "sc")
     assert c.ask("prepare_target").ok
     time.sleep(1.5)
@@ -143,7 +143,7 @@ def test_without_any_sidecar_the_hook_loads_from_storage_but_never_over_a_prepar
 
 def test_with_a_key_a_stranger_on_the_hook_socket_can_neither_drive_nor_read_the_engine(make_hook):
     key = b"k" * 32
-    h, _, addr, out, _ = make_hook(timeout=30, key=key)
+    _h, _, addr, _out, _ = make_hook(timeout=30, key=key)
     for client in (Client(addr, "x"), Client(addr, "x", b"z" * 32)):
         for op in ("ping", "describe", "prepare_target", "load_from_storage"):
             r = client.ask(op)
