@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from sidecar.protocol import ProtocolError, SourceRecord, decode_record, encode
+from sidecar.redis_client import describe_error
 
 log = logging.getLogger("mx.coordinator")
 
@@ -53,9 +54,9 @@ def _fresh(beat: bytes, now: float) -> bool:
 
 
 class Coordinator:
-    def __init__(self, url: str, prefix: str, replica_id: str, node: str, source_ttl: float,
+    def __init__(self, client: aioredis.Redis, prefix: str, replica_id: str, node: str, source_ttl: float,
                  max_record_bytes: int, max_metadata_bytes: int) -> None:
-        self._r = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        self._r = client  # from sidecar.redis_client.connect(cfg): AUTH and TLS are set up there
         self._p = prefix
         self.replica_id = replica_id
         self._node = node
@@ -71,7 +72,7 @@ class Coordinator:
         try:
             return await coro
         except (RedisError, OSError) as e:
-            raise CoordinatorUnavailable(f"redis {what}: {e}") from e
+            raise CoordinatorUnavailable(f"redis {what}: {describe_error(e)}") from e
 
     async def ping(self) -> None:
         await self._call("ping", self._r.ping())

@@ -33,6 +33,7 @@ from sidecar.protocol import (
 )
 from sidecar.pulling import SourceFailed, VerifyError, pull_rank, verify_rank
 from sidecar.rank_memory import RankMemory
+from sidecar.redis_client import connect as connect_redis
 from sidecar.serving import SourceServer
 from sidecar.staging import StagingRing
 from sidecar.transport import Transport
@@ -58,7 +59,7 @@ class Daemon:
         self.links: list[EngineLink] = []
         self.ranks: dict[int, RankMemory] = {}
         self.transports: dict[tuple[str, int], Transport] = {}
-        self.coord = Coordinator(cfg.redis_url, cfg.redis_prefix, self.replica_id, cfg.node_name, cfg.source_ttl,
+        self.coord = Coordinator(connect_redis(cfg), cfg.redis_prefix, self.replica_id, cfg.node_name, cfg.source_ttl,
                                  cfg.max_message_bytes, cfg.max_metadata_bytes)
         self.server = SourceServer(cfg, self.model, self.coord, self.metrics)
         self.router = PeerRouter(self._on_source_msg, self._on_bad_peer_msg)
