@@ -82,7 +82,16 @@ def _choice(*options: str) -> Callable[[str], str]:
 def _zmq_address(raw: str) -> str:
     if not raw.startswith(("ipc://", "tcp://")):
         raise ValueError("must be an ipc:// or tcp:// ZMQ address")
+    if raw.startswith("ipc://@"):
+        raise ValueError("an abstract ipc socket (ipc://@...) has no file permissions: use a path")
     return raw
+
+
+def _flag(raw: str) -> bool:
+    v = raw.strip().lower()
+    if v not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
+        raise ValueError("must be 1/0 (or true/false, yes/no, on/off)")
+    return v in ("1", "true", "yes", "on")
 
 
 def _redis_url(raw: str) -> str:
@@ -115,6 +124,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MX_ZMQ_ADDRESS", "zmq_address", "ipc:///tmp/mx/engine.sock",
             "Base ZMQ address of the engine hook; rank r uses `<base>-r.sock` (ipc) or port+r (tcp).",
             _zmq_address),
+    Setting("MX_ALLOW_TCP_HOOK", "allow_tcp_hook", False,
+            "Allow a tcp:// MX_ZMQ_ADDRESS (anything that reaches the port can drive the engine); default: ipc only, "
+            "in a 0700 directory the hook creates.", _flag),
     Setting("MX_MODEL_NAME", "model_name", "",
             "Model label for logs and metrics; default: the model id the engine reports.", _text),
     Setting("MX_REDIS_URL", "redis_url", "redis://127.0.0.1:6379/0",
@@ -193,6 +205,7 @@ SETTINGS: tuple[Setting, ...] = (
 @dataclass(frozen=True)
 class Config:
     zmq_address: str
+    allow_tcp_hook: bool
     model_name: str
     redis_url: str = field(repr=False)  # may hold a password: shown only through redis_client.redact_url
     redis_username: str
@@ -251,6 +264,9 @@ class Config:
 
     def _check_relations(self) -> None:
         self._check_redis_auth()
+        if self.zmq_address.startswith("tcp://") and not self.allow_tcp_hook:
+            raise ConfigError(f"MX_ZMQ_ADDRESS={self.zmq_address}: tcp:// lets any process that reaches the port "
+                              "drive the engine; use ipc:// (default) or set MX_ALLOW_TCP_HOOK=1")
         if self.heartbeat_interval * 2 > self.source_ttl:
             raise ConfigError(
                 f"MX_SOURCE_TTL ({self.source_ttl}s) must be at least twice MX_HEARTBEAT_INTERVAL "
