@@ -20,6 +20,7 @@ import torch
 import zmq
 
 from runtime_hooks.exposure import ModelIdentity, build_manifest, compute_fingerprint, share_cpu_storages
+from runtime_hooks.socket_guard import UnsafeSocketError, bind_hook_socket
 from sidecar.auth import Keyring
 from sidecar.config import Config, rank_address
 from sidecar.protocol import (
@@ -259,15 +260,14 @@ class RankHook:
     # ---------------------------------------------------------------- socket thread
 
     def _bind(self) -> zmq.Socket:
-        if self.address.startswith("ipc://"):
-            path = self.address.removeprefix("ipc://")
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            if os.path.exists(path):
-                os.unlink(path)  # a stale socket from a crashed engine would refuse the bind
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, self._cfg.max_message_bytes)
-        sock.bind(self.address)
+        try:  # ipc only (unless allowed), in a private directory, socket 0600: see socket_guard
+            bind_hook_socket(sock, self.address, self._cfg.allow_tcp_hook)
+        except UnsafeSocketError as e:
+            sock.close(0)
+            raise HookError(str(e)) from None
         return sock
 
     def _serve(self) -> None:

@@ -26,6 +26,7 @@ from redis.exceptions import RedisError
 
 from sidecar.auth import AuthError, Keyring
 from sidecar.protocol import ProtocolError, SourceRecord, decode_record, encode
+from sidecar.redis_client import describe_error
 
 log = logging.getLogger("mx.coordinator")
 
@@ -71,10 +72,10 @@ def open_record(keys: Keyring, key: str, blob: bytes, max_bytes: int) -> SourceR
 
 
 class Coordinator:
-    def __init__(self, url: str, prefix: str, replica_id: str, node: str, source_ttl: float,
+    def __init__(self, client: aioredis.Redis, prefix: str, replica_id: str, node: str, source_ttl: float,
                  max_record_bytes: int, max_metadata_bytes: int, keys: Keyring,
                  on_auth_fail: Callable[[str, str], None] = lambda who, reason: None) -> None:
-        self._r = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        self._r = client  # from sidecar.redis_client.connect(cfg): AUTH and TLS are set up there
         self._keys = keys
         self._on_auth_fail = on_auth_fail
         self._p = prefix
@@ -92,7 +93,7 @@ class Coordinator:
         try:
             return await coro
         except (RedisError, OSError) as e:
-            raise CoordinatorUnavailable(f"redis {what}: {e}") from e
+            raise CoordinatorUnavailable(f"redis {what}: {describe_error(e)}") from e
 
     async def ping(self) -> None:
         await self._call("ping", self._r.ping())

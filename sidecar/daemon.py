@@ -30,6 +30,7 @@ from sidecar.protocol import Reply
 from sidecar.publishing import Publisher
 from sidecar.pulling import FenceError, Superseded
 from sidecar.receiving import Receiver
+from sidecar.redis_client import connect as connect_redis
 from sidecar.roles import decide, renew_lease
 from sidecar.serving import SourceServer
 from sidecar.supervisor import Supervisor
@@ -51,7 +52,7 @@ class Daemon:
         self.sup = Supervisor(self.metrics, lambda: self.engine.model, self.stop)
         self.engine = EngineRanks(cfg, self.keys, self.metrics, self.log, self.failpoints)
         self._auth_logged: set[tuple[str, str, str]] = set()
-        self.coord = Coordinator(cfg.redis_url, cfg.redis_prefix, self.replica_id, cfg.node_name, cfg.source_ttl,
+        self.coord = Coordinator(connect_redis(cfg), cfg.redis_prefix, self.replica_id, cfg.node_name, cfg.source_ttl,
                                  cfg.max_message_bytes, cfg.max_metadata_bytes, self.keys,
                                  lambda who, why: self._auth_failed("redis", who, why))
         self.server = SourceServer(cfg, "?", self.coord, self.metrics, self.keys)
