@@ -118,7 +118,8 @@ class Coordinator:
     # -------------------------------------------------------------- agents
     async def put_agent(self, name: str, metadata: bytes) -> None:
         key = f"{self._p}:agent:{name}"
-        await self._call("put_agent", self._r.set(key, self._keys.seal("agent", key, metadata), px=self._ttl_ms))
+        await self._call("put_agent", self._r.set(key, self._keys.seal("agent", key, metadata, secret=True),
+                                                   px=self._ttl_ms))
 
     async def get_agent(self, name: str) -> bytes:
         """The agent's NIXL metadata; AuthError if its seal is missing or wrong (a foreign agent)."""
@@ -129,7 +130,7 @@ class Coordinator:
         if len(blob) > self._max_meta + 1024:
             raise ProtocolError(f"agent metadata of {len(blob)} bytes exceeds {self._max_meta}")
         try:
-            return self._keys.unseal("agent", key, bytes(blob), self._max_meta + 1024)
+            return self._keys.unseal("agent", key, bytes(blob), self._max_meta + 1024, secret=True)
         except AuthError as e:
             self._on_auth_fail(name, e.reason)
             raise
