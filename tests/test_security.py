@@ -168,7 +168,7 @@ def test_a_short_or_world_writable_key_file_is_refused(tmp_path):
 def test_with_a_key_a_redis_reader_cannot_load_a_sidecars_nixl_metadata(replicas, redis_server, keyed):
     # Whoever holds an agent's metadata can WRITE its registered memory (docs/SECURITY-NIXL.md): with a key it is
     # encrypted in Redis, so reading Redis no longer hands out the means to reach engine memory.
-    from sidecar.transport import Transport, TransferError
+    from sidecar.transport import TransferError, Transport
 
     a = replicas("a", extra_env=keyed)
     a.engine_results()
