@@ -256,7 +256,7 @@ class Daemon:
             dt = time.monotonic() - t0
             gbps = sum(moved) / 1e9 / max(dt, 1e-9)
             self.metrics.transfer_seconds.labels(self.model, "target").observe(dt)
-            self.metrics.last_gbps.labels(self.model, "target").set(gbps)
+            self.metrics.last_rate.labels(self.model, "target").set(gbps * 1e9)
             self.log.info("phase=receive %.2f GB in %.2fs (%.2f GB/s), verified (%s)", sum(moved) / 1e9, dt, gbps,
                           self.cfg.verify, peer=peer)
             if gbps < self.cfg.slow_link_gbps and sum(moved) > 256 << 20:
@@ -319,6 +319,7 @@ class Daemon:
             await self._put_agents()
             await self.coord.publish(self._record, self._agent_names())
             self.published = True
+            self.metrics.source_published.labels(self.model).set(1)
         except CoordinatorUnavailable as e:
             self.metrics.redis_errors.labels(self.model, "publish").inc()
             self.log.warning("cannot publish yet (Redis unavailable: %s); the heartbeat retries", e)
@@ -390,6 +391,7 @@ class Daemon:
                     assert self._record is not None
                     await self.coord.publish(self._record, self._agent_names())
                     self.published = True
+                    self.metrics.source_published.labels(self.model).set(1)
                 beat_fail_logged = False
             except CoordinatorUnavailable as e:
                 self.metrics.redis_errors.labels(self.model, "heartbeat").inc()
