@@ -90,7 +90,10 @@ def rank_tensors(cfg: dict[str, int], tp: int, rank: int, dtype: torch.dtype,
 class ToyAdapter(TorchModuleAdapter):
     """Derived buffers are recomputed, not read: they are not in the checkpoint."""
 
+    load_delay = 0.0  # seconds a storage load takes on top of the read (a slow bucket, for tests)
+
     def load_from_storage(self) -> None:
+        time.sleep(self.load_delay)
         tensors = self.discover_tensors()
         derived = {k: tensors.pop(k) for k in ("model.rotary_emb.inv_freq", "model.empty_scales")}
         TorchModuleAdapter(tensors, self.identity(), self._dir).load_from_storage()
@@ -117,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exit-after-ready", action="store_true")
     p.add_argument("--devices", default="cpu", help="comma-separated device per rank, e.g. cuda:0,cuda:1")
     p.add_argument("--no-digests", action="store_true", help="skip the per-tensor digests (large GPU models)")
+    p.add_argument("--load-delay", type=float, default=0.0, help="seconds added to each storage load")
     args = p.parse_args(argv)
     meta = json.loads((Path(args.checkpoint) / "config.json").read_text())
     cfg, dtype_name = meta["mx_toy"], meta["dtype"]
@@ -137,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.set_device(device)
         tensors = rank_tensors(cfg, args.tp, rank, dtype, device)
         ident = ModelIdentity(args.model_id, args.revision, dtype_name, rank, args.tp)
-        hook = RankHook(ToyAdapter(tensors, ident, args.checkpoint), args.address)
+        adapter = ToyAdapter(tensors, ident, args.checkpoint)
+        adapter.load_delay = args.load_delay
+        hook = RankHook(adapter, args.address)
         with lock:
             hooks.append(hook)
         try:

@@ -14,7 +14,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mx-sidecar", description="GPU-to-GPU weight transfer sidecar")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("run", help="run the daemon for the engine at MX_ZMQ_ADDRESS")
-    sub.add_parser("status", help="list the live sources registered in MX_REDIS_URL")
+    st_p = sub.add_parser("status", help="the fleet in MX_REDIS_URL: models, sources, seeding, targets in flight")
+    st_p.add_argument("--model", help="only this model")
+    st_p.add_argument("--json", action="store_true", help="machine-readable (one object per line with --watch)")
+    st_p.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
+                      help="refresh every SECONDS (default 2) until interrupted")
     sub.add_parser("bench", help="CPU benchmark on this machine (as `make bench`)", add_help=False)
     sub.add_parser("demo", help="end-to-end demo on this machine (as `make demo`)", add_help=False)
     cfg_p = sub.add_parser("config", help="validate the MX_* environment and print it")
@@ -40,44 +44,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{k} = {v!r}")
         return 0
     if args.cmd == "status":
-        from redis.exceptions import RedisError
+        from redis.exceptions import RedisError  # the sidecar extra
+
+        from sidecar.fleet import status
 
         try:
-            return asyncio.run(_status(cfg))
+            return asyncio.run(status(cfg, args.model, args.json, args.watch))
+        except KeyboardInterrupt:
+            return 0
         except (RedisError, OSError) as e:
             print(f"mx-sidecar: cannot read {cfg.redis_url}: {e}", file=sys.stderr)
             return 1
-    from sidecar.daemon import run_daemon
-
-    return run_daemon(cfg)
-
-
-async def _status(cfg: Config) -> int:
-    import redis.asyncio as aioredis
-
-    from sidecar.protocol import ProtocolError, decode_record
-
-    r = aioredis.Redis.from_url(cfg.redis_url, socket_timeout=5)
     try:
-        found = 0
-        async for key in r.scan_iter(match=f"{cfg.redis_prefix}:*:src:*"):
-            blob = await r.get(key)
-            if blob is None:
-                continue
-            try:
-                rec = decode_record(blob if isinstance(blob, bytes) else blob.encode())
-            except ProtocolError as e:
-                print(f"{key.decode()}: unreadable ({e})")
-                continue
-            found += 1
-            modes = ",".join(sorted({x.mode for x in rec.ranks}))
-            print(f"{rec.model}  fingerprint={rec.fingerprint[:12]}  replica={rec.replica}  node={rec.node}  "
-                  f"ranks={len(rec.ranks)}  mode={modes}")
-        if not found:
-            print("no live sources")
-        return 0
-    finally:
-        await r.aclose()
+        from sidecar.daemon import run_daemon
+    except ImportError as e:  # the engine-side install has no Redis/NIXL/Prometheus client
+        print(f"mx-sidecar: {e}; the daemon needs the sidecar extra: pip install 'mx-sidecar[sidecar,nixl-cu13]'",
+              file=sys.stderr)
+        return 2
+    return run_daemon(cfg)
 
 
 if __name__ == "__main__":

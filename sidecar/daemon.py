@@ -313,7 +313,7 @@ class Daemon:
                        list(rm.manifest.tensors), list(rm.checksums),
                        slots=[(s.addr, s.nbytes) for s in rm.ring.slots] if rm.ring else [],
                        entry_addrs=list(rm.entry_addrs) if self._mode(rm) == "direct" else [])
-            for rm in self.ranks.values()])
+            for rm in self.ranks.values()], published_at=time.time())
         self.server.serve(self.ranks)
         try:
             await self._put_agents()

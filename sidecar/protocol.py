@@ -283,6 +283,7 @@ class SourceRecord(msgspec.Struct, frozen=True):
     model: str
     fingerprint: str
     ranks: list[RankSource]
+    published_at: float = 0.0  # wall time of the first publication (`mx-sidecar status` shows the age)
 
 
 _record_decoder = msgspec.msgpack.Decoder(SourceRecord)

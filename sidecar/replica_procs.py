@@ -79,7 +79,8 @@ class Replica:
 
     def __init__(self, name: str, checkpoint: str | Path, redis_url: str, work: Path, tp: int = 2,
                  model_id: str = "toy-llama", revision: str = "r1", extra_env: dict[str, str] | None = None,
-                 sidecar: bool = True, sidecar_timeout: float = 60.0, devices: str = "cpu") -> None:
+                 sidecar: bool = True, sidecar_timeout: float = 60.0, devices: str = "cpu",
+                 engine_args: list[str] | None = None) -> None:
         self.name = name
         self.tp = tp
         self.address = f"ipc://{work}/{name}.sock"
@@ -90,7 +91,7 @@ class Replica:
         self.engine = Proc(f"{name}-engine", [sys.executable, "-m", "runtime_hooks.toy_engine", "--checkpoint",
                                               str(checkpoint), "--tp", str(tp), "--model-id", model_id,
                                               "--revision", revision, "--sidecar-timeout", str(sidecar_timeout),
-                                              "--devices", devices],
+                                              "--devices", devices, *(engine_args or [])],
                            env, work)
         self.sidecar = Proc(f"{name}-sidecar", [sys.executable, "-m", "sidecar", "run"], env, work) if sidecar else None
         self._metrics_port: int | None = None

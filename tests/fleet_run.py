@@ -55,7 +55,7 @@ class FleetRun:
         deadline = time.monotonic() + timeout
         while True:
             held = {a["labels"]["alertname"] for a in self.prom.alerts()}
-            if EXPECTED_ALERTS <= held:
+            if held >= EXPECTED_ALERTS:
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"alerts raised: {sorted(held)}; expected {sorted(EXPECTED_ALERTS)}")

@@ -366,3 +366,44 @@ async def _coordinator_round(url: str) -> None:
         await a.close()
         await b.close()
 
+
+
+# ---------------------------------------------------------------- the ports NetworkPolicy names are the real ones
+
+def _listening(pid: int) -> set[tuple[str, int]]:
+    """(protocol, port) of every listening TCP / bound UDP socket that process `pid` holds."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = fd.readlink().as_posix()
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    out = set()
+    for proto in ("tcp", "tcp6", "udp", "udp6"):
+        for line in Path(f"/proc/{pid}/net/{proto}").read_text().splitlines()[1:]:
+            f = line.split()
+            listening = f[3] == "0A" if proto.startswith("tcp") else True
+            if f[9] in inodes and listening:
+                out.add((proto.rstrip("6"), int(f[1].rsplit(":", 1)[1], 16)))
+    return out
+
+
+def test_sidecars_listen_only_on_the_metrics_port_and_the_pinned_ucx_range_while_moving_weights(rendered,
+                                                                                                   replicas):
+    _, objs = rendered["vllm"]
+    ucx = _env(objs, _sidecar(objs))["UCX_TCP_PORT_RANGE"]
+    lo, hi = (int(x) for x in ucx.split("-"))
+    a = replicas("a", extra_env={"UCX_TCP_PORT_RANGE": ucx})
+    a.engine_results()
+    a.wait_serving()
+    b = replicas("b", extra_env={"UCX_TCP_PORT_RANGE": ucx})
+    assert b.engine_results()[0]["outcome"] == "received"  # NIXL really moved the bytes through those ports
+    b.wait_serving()
+    for rep in (a, b):
+        ports = _listening(rep.sidecar.p.pid)
+        ucx_ports = {p for proto, p in ports if proto == "tcp" and lo <= p <= hi}
+        assert ucx_ports, f"{rep.name}: no UCX listener in {ucx}: {ports}"
+        assert ports == {("tcp", rep.metrics_port)} | {("tcp", p) for p in ucx_ports}, ports
+        assert _listening(rep.engine.p.pid) == set(), "the engine hook binds ipc:// only"
