@@ -19,8 +19,6 @@ import stat
 from pathlib import Path
 
 import msgspec
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sidecar.protocol import PROTOCOL_VERSION, ProtocolError, Sealed, decode_sealed, encode
 
@@ -82,6 +80,8 @@ class Keyring:
         """`secret`: also encrypt (AES-GCM). NIXL agent metadata is: its holder can WRITE the agent's registered
         memory, on CMA/TCP any address of the process (docs/SECURITY-NIXL.md), so a Redis reader must not get it."""
         if secret and self._sub:
+            from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # sidecar extra: the hook needs no AES
+
             nonce = os.urandom(12)
             body = nonce + AESGCM(self._sub["secret"]).encrypt(nonce, body, _sealed_input(kind, key, b""))
         return encode(Sealed(PROTOCOL_VERSION, kind, body, self.mac("redis", _sealed_input(kind, key, body))))
@@ -92,6 +92,9 @@ class Keyring:
             raise ProtocolError(f"{key}: a {s.kind!r} value where a {kind!r} was expected")
         self.check("redis", _sealed_input(kind, key, s.body), s.mac, f"Redis value {key}")
         if secret and self._sub:
+            from cryptography.exceptions import InvalidTag
+            from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
             try:
                 return AESGCM(self._sub["secret"]).decrypt(s.body[:12], s.body[12:], _sealed_input(kind, key, b""))
             except InvalidTag:
