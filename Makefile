@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 VLLM_VENV  ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 
-.PHONY: demo test test-main test-vllm lint typecheck unit bench gpu-check clean venv vllm-venv
+.PHONY: demo test test-main test-vllm lint typecheck unit bench bench-trtllm gpu-check clean venv vllm-venv
 
 venv: $(STAMP)
 
@@ -54,6 +54,10 @@ typecheck: venv
 
 bench: venv
 	$(BIN)/python -m sidecar.bench
+
+# TRT-LLM checkpoint at the file level vs copying the same files from local disk -> docs/benchmarks/trtllm-cpu.json
+bench-trtllm: venv
+	$(BIN)/python -m tests.trtllm.bench_trtllm
 
 # On a GPU machine (or via the device tool): see tests/gpu/README.md
 gpu-check:

@@ -438,6 +438,8 @@ class FileTargetAdapter:
                     "nothing was written")
                 raise self.error
         self.t_written = time.monotonic()
+        log.info("rank %d: SHA-256 of %d files match the source's; staged %.2f GB in %.2fs", self.rank,
+                 len(self.specs), self.nbytes / 1e9, self.t_written - self.t_received)
 
     def reset_for_retry(self) -> None:
         """Nothing reached the staging folder before the verdict; the next attempt overwrites every buffer."""
@@ -464,6 +466,7 @@ class ReceiveResult:
     hash_write_s: float
     total_s: float
     ranks: list[RankStats] = field(default_factory=list)
+    devices: list[str] = field(default_factory=list)
 
     @property
     def gbps(self) -> float:
@@ -527,7 +530,7 @@ class FileReceiver:
             str(self.dest), self.model_name, lay.form, lay.files, lay.total_bytes, t_found - t0,
             max(landed) - min(starts), max(written) - max(landed), t_end - t0,
             [RankStats(a.rank, len(a.specs), a.nbytes, (a.t_received or t_end) - (a.t_prepare or t_found),
-                       (a.t_written or t_end) - (a.t_received or t_end)) for a in self.adapters])
+                       (a.t_written or t_end) - (a.t_received or t_end)) for a in self.adapters], devices)
         log.info("Verified SHA-256 of %d files (%.2f GB) and wrote them to %s", lay.files, lay.total_bytes / 1e9,
                  self.dest)
         return self.result

@@ -145,7 +145,7 @@ def _load(args: argparse.Namespace, cfg: Config, cls, stop_sidecar: Callable[[],
             "query_s": round(r.query_s, 3), "receive_s": round(r.receive_s, 3),
             "hash_write_s": round(r.hash_write_s, 3), "total_s": round(r.total_s, 3), "gbps": round(r.gbps, 3),
             "build_s": None if loader.build_s is None else round(loader.build_s, 3),
-            "ranks": [vars(x) for x in r.ranks]}), flush=True)
+            "devices": r.devices, "ranks": [vars(x) for x in r.ranks]}), flush=True)
         if args.serve:
             log.info("serving the received files until SIGTERM")
             _wait_for_signal()
