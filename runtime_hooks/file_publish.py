@@ -555,11 +555,22 @@ class FileReceiver:
         log.info("Transfer complete: %.2f GB total in %.2fs (%.1f Gbps)", total / 1e9, dt, total * 8 / dt / 1e9)
 
     def _move_into_place(self, staging: Path) -> None:
+        root = self.dest.resolve()
+        published = {s.path for a in self.adapters for s in a.specs}
         for a in self.adapters:
             for s in a.specs:
                 dest = self.dest / s.path
                 dest.parent.mkdir(parents=True, exist_ok=True)
+                parent = dest.parent.resolve()
+                if parent != root and root not in parent.parents:  # a symlinked directory inside dest
+                    raise FilesError(f"{dest} would land outside {root} (through a symlink); nothing more is written")
                 os.replace(staging / s.path, dest)
+        others = [p.relative_to(self.dest).as_posix() for p in self.dest.rglob("*")
+                  if p.is_file() and p.relative_to(self.dest).as_posix() not in published
+                  and not p.relative_to(self.dest).as_posix().startswith(STAGING_PREFIX)]
+        if others:
+            log.warning("%s also holds %d files the source did not publish (e.g. %s); they are left as they are",
+                        self.dest, len(others), sorted(others)[0])
 
     def shutdown(self) -> None:
         """Stop serving the received files (the hooks close; the sidecar withdraws once it notices)."""

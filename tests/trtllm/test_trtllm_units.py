@@ -321,3 +321,22 @@ def test_the_fake_builder_sees_the_options_the_loader_passes(ckpt, tmp_path, mon
 
     assert json.loads((tmp_path / "argv.json").read_text()) == build_command(opts, ckpt, tmp_path / "engine")[1:]
     assert sorted(os.listdir(tmp_path / "engine")) == ["config.json", "rank0.engine", "rank1.engine"]
+
+
+def test_received_files_never_land_outside_the_destination_through_a_symlinked_directory(tmp_path):
+    from runtime_hooks.file_publish import FileReceiver
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "original").symlink_to(outside, target_is_directory=True)
+    staging = dest / ".mx-incoming-1"
+    (staging / "original").mkdir(parents=True)
+    (staging / "original" / "params.json").write_text("{}")
+    data = b"{}"
+    rec = FileReceiver("m", dest, Config.from_env({}))
+    rec.adapters = [_target(tmp_path, (FileSpec("original/params.json", len(data), hashlib.sha256(data).hexdigest()),))]
+    with pytest.raises(FilesError, match="outside"):
+        rec._move_into_place(staging)
+    assert not any(outside.iterdir())
