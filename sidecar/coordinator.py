@@ -13,6 +13,7 @@ Heartbeats never rewrite the large record (a field report had that fill a Redis 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -34,6 +35,11 @@ return 0
 """
 
 
+# Members of a sources set looked at per choice: a set flooded by a Redis writer cannot stall a start-up.
+MAX_SOURCE_MEMBERS = 256
+MAX_REPLICA_ID_CHARS = 200
+
+
 class CoordinatorUnavailable(RuntimeError):
     """Redis could not be reached: distinct from 'no source' in metrics and logs."""
 
@@ -48,9 +54,18 @@ class Candidate:
 def _fresh(beat: bytes, now: float) -> bool:
     try:
         ts, ttl = (float(x) for x in beat.split())
-    except ValueError:
+    except (ValueError, TypeError, AttributeError):  # garbage, or not a string value at all
         return False
-    return now - ts <= ttl
+    # "inf"/"nan" parse as floats: an infinite timestamp or TTL would make a record fresh forever
+    return math.isfinite(ts) and math.isfinite(ttl) and ttl > 0 and now - ts <= ttl
+
+
+def _count(value: object) -> int:
+    """A readers counter as Redis holds it; garbage counts as no readers (it only orders candidates)."""
+    try:
+        return max(0, int(value or 0))  # type: ignore[call-overload]
+    except (ValueError, TypeError):
+        return 0
 
 
 class Coordinator:
@@ -92,7 +107,7 @@ class Coordinator:
 
     async def seeder(self, fp: str) -> str | None:
         v = await self._call("seeder", self._r.get(self._k(fp, "seed")))
-        return v.decode() if v else None
+        return v.decode(errors="replace")[:MAX_REPLICA_ID_CHARS] if v else None  # only ever logged
 
     # -------------------------------------------------------------- agents
     async def put_agent(self, name: str, metadata: bytes) -> None:
@@ -144,11 +159,20 @@ class Coordinator:
         members = await self._call("sources", self._r.smembers(self._k(fp, "sources")))
         out: list[Candidate] = []
         now = time.time()
-        for m in members:
-            rid = m.decode()
+        for m in list(members)[:MAX_SOURCE_MEMBERS]:
+            try:
+                rid = m.decode()
+            except UnicodeDecodeError:
+                rid = ""
+            if not rid or len(rid) > MAX_REPLICA_ID_CHARS:
+                log.warning("ignoring a sources member that is no replica id: %r", m[:80])
+                continue
             if rid == self.replica_id:
                 continue
             hb, blob, readers = await self._call("source", self._get3(fp, rid))
+            if any(isinstance(x, Exception) for x in (hb, blob, readers)):  # e.g. WRONGTYPE: not string values
+                log.warning("ignoring source %s: its keys hold values of another type", rid)
+                continue
             if hb is None or blob is None:
                 await self._call("prune", self._r.srem(self._k(fp, "sources"), rid))
                 continue
@@ -162,7 +186,7 @@ class Coordinator:
             if rec.fingerprint != fp or rec.replica != rid:
                 log.warning("ignoring source %s: record names another replica or model", rid)
                 continue
-            out.append(Candidate(rec, int(readers or 0), rec.node == self._node))
+            out.append(Candidate(rec, _count(readers), rec.node == self._node))
         out.sort(key=lambda c: (not c.same_node, c.readers, c.record.replica))
         return out
 
@@ -171,7 +195,7 @@ class Coordinator:
         pipe.get(self._k(fp, "hb", rid))
         pipe.get(self._k(fp, "src", rid))
         pipe.get(self._k(fp, "readers", rid))
-        return await pipe.execute()
+        return await pipe.execute(raise_on_error=False)  # a wrong-typed key filters this source, not the choice
 
     async def reader_delta(self, fp: str, rid: str, delta: int) -> None:
         key = self._k(fp, "readers", rid)
