@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from sidecar.protocol import MAX_SLOT_BYTES, MAX_SLOTS, MIN_SLOT_BYTES
 from sidecar.redis_client import redact_url
 
 
@@ -68,6 +69,21 @@ def _bytes(raw: str) -> int:
     v = int(float(s[:-1] if s[-1:] in units else s) * mult)
     if v <= 0:
         raise ValueError("must be a size > 0 (e.g. 268435456, 256MiB, 1GiB)")
+    return v
+
+
+def _slot_bytes(raw: str) -> int:
+    v = _bytes(raw)
+    if not MIN_SLOT_BYTES <= v <= MAX_SLOT_BYTES:
+        raise ValueError(f"must be {MIN_SLOT_BYTES >> 10} KiB to {MAX_SLOT_BYTES >> 30} GiB (smaller slots make a "
+                         "transfer millions of round trips; records with smaller slots are refused)")
+    return v
+
+
+def _slot_count(raw: str) -> int:
+    v = _positive_int(raw)
+    if v > MAX_SLOTS:
+        raise ValueError(f"must be at most {MAX_SLOTS}")
     return v
 
 
@@ -181,9 +197,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MX_SOURCE_MODE", "source_mode", "auto",
             "`direct`: peers read engine memory; `staged`: peers read a sidecar-owned ring; "
             "`auto`: direct for DRAM, staged for CUDA-IPC-imported GPU memory.", _choice("auto", "staged", "direct")),
-    Setting("MX_STAGING_SLOTS", "staging_slots", 4, "Slots in a source's staging ring.", _positive_int),
+    Setting("MX_STAGING_SLOTS", "staging_slots", 4, f"Slots in a source's staging ring (1-{MAX_SLOTS}).",
+            _slot_count),
     Setting("MX_STAGING_SLOT_BYTES", "staging_slot_bytes", 256 << 20,
-            "Bytes per staging slot, also the transfer chunk size (accepts MiB/GiB).", _bytes),
+            "Bytes per staging slot, also the transfer chunk size (accepts KiB/MiB/GiB; "
+            f"{MIN_SLOT_BYTES >> 10} KiB to {MAX_SLOT_BYTES >> 30} GiB).", _slot_bytes),
     Setting("MX_ENGINE_CONNECT_TIMEOUT", "engine_connect_timeout", 600.0,
             "Seconds to wait for every engine rank's socket to answer.", _positive_seconds),
     Setting("MX_REQUEST_TIMEOUT", "request_timeout", 30.0,

@@ -36,6 +36,15 @@ _RENEW_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
+# A bounded, random sample of a sources set, without members longer than a replica id: SMEMBERS would hand a
+# flooded set (or 512 MB members) to this process whole.
+_MEMBERS_LUA = """
+local out = {}
+for _, m in ipairs(redis.call('SRANDMEMBER', KEYS[1], tonumber(ARGV[1]))) do
+  if #m <= tonumber(ARGV[2]) then out[#out + 1] = m end
+end
+return out
+"""
 _RELEASE_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -54,6 +63,8 @@ _head_decoder = msgspec.msgpack.Decoder(_RecordHead)
 # Members of a sources set looked at per choice: a set flooded by a Redis writer cannot stall a start-up.
 MAX_SOURCE_MEMBERS = 256
 MAX_REPLICA_ID_CHARS = 200
+MAX_BEAT_BYTES = 128  # values are read with GETRANGE: never more than these bounds reach this process
+MAX_COUNTER_BYTES = 32
 
 
 class CoordinatorUnavailable(RuntimeError):
@@ -130,7 +141,7 @@ class Coordinator:
         await self._call("release", self._r.eval(_RELEASE_LUA, 1, self._k(fp, "seed"), self.replica_id))
 
     async def seeder(self, fp: str) -> str | None:
-        v = await self._call("seeder", self._r.get(self._k(fp, "seed")))
+        v = await self._call("seeder", self._r.getrange(self._k(fp, "seed"), 0, MAX_REPLICA_ID_CHARS))
         return v.decode(errors="replace")[:MAX_REPLICA_ID_CHARS] if v else None  # only ever logged
 
     # -------------------------------------------------------------- agents
@@ -142,8 +153,8 @@ class Coordinator:
     async def get_agent(self, name: str) -> bytes:
         """The agent's NIXL metadata; AuthError if its seal is missing or wrong (a foreign agent)."""
         key = f"{self._p}:agent:{name}"
-        blob = await self._call("get_agent", self._r.get(key))
-        if blob is None:
+        blob = await self._call("get_agent", self._r.getrange(key, 0, self._max_meta + 1024))
+        if not blob:
             raise ProtocolError(f"no metadata for agent {name!r} in Redis")
         if len(blob) > self._max_meta + 1024:
             raise ProtocolError(f"agent metadata of {len(blob)} bytes exceeds {self._max_meta}")
@@ -189,10 +200,11 @@ class Coordinator:
 
     async def live_sources(self, fp: str) -> list[Candidate]:
         """Fresh sources, same node first, then least loaded. Stale members are pruned."""
-        members = await self._call("sources", self._r.smembers(self._k(fp, "sources")))
+        members = await self._call("sources", self._r.eval(_MEMBERS_LUA, 1, self._k(fp, "sources"), MAX_SOURCE_MEMBERS,
+                                                           MAX_REPLICA_ID_CHARS))
         out: list[Candidate] = []
         now = time.time()
-        for m in list(members)[:MAX_SOURCE_MEMBERS]:
+        for m in members[:MAX_SOURCE_MEMBERS]:
             try:
                 rid = m.decode()
             except UnicodeDecodeError:
@@ -206,7 +218,7 @@ class Coordinator:
             if any(isinstance(x, Exception) for x in (hb, blob, readers)):  # e.g. WRONGTYPE: not string values
                 log.warning("ignoring source %s: its keys hold values of another type", rid)
                 continue
-            if hb is None or blob is None:
+            if not hb or not blob:  # GETRANGE reads a missing key as empty
                 await self._call("prune", self._r.srem(self._k(fp, "sources"), rid))
                 continue
             if not _fresh(hb, now):  # freshness check on top of the key's TTL
@@ -267,9 +279,9 @@ class Coordinator:
 
     async def _get3(self, fp: str, rid: str):  # type: ignore[no-untyped-def]
         pipe = self._r.pipeline(transaction=False)
-        pipe.get(self._k(fp, "hb", rid))
-        pipe.get(self._k(fp, "src", rid))
-        pipe.get(self._k(fp, "readers", rid))
+        pipe.getrange(self._k(fp, "hb", rid), 0, MAX_BEAT_BYTES)
+        pipe.getrange(self._k(fp, "src", rid), 0, self._max_record)  # one byte past the limit: refused, not cut
+        pipe.getrange(self._k(fp, "readers", rid), 0, MAX_COUNTER_BYTES)
         return await pipe.execute(raise_on_error=False)  # a wrong-typed key filters this source, not the choice
 
     async def reader_delta(self, fp: str, rid: str, delta: int) -> None:

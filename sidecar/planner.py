@@ -15,7 +15,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sidecar.protocol import Manifest, ProtocolError, TensorEntry, layout_digest, validate_manifest
+from sidecar.protocol import (
+    MAX_CHUNKS_PER_RANK,
+    Manifest,
+    ProtocolError,
+    TensorEntry,
+    layout_digest,
+    validate_manifest,
+)
 
 SLOT_ALIGN = 256  # piece starts inside a slot: keeps GPU copies and RDMA on aligned addresses
 
@@ -46,9 +53,13 @@ def _align(n: int) -> int:
     return (n + SLOT_ALIGN - 1) // SLOT_ALIGN * SLOT_ALIGN
 
 
-def chunk_plan(entries: list[TensorEntry], chunk_bytes: int) -> list[Chunk]:
+def chunk_plan(entries: list[TensorEntry], chunk_bytes: int, max_chunks: int = MAX_CHUNKS_PER_RANK) -> list[Chunk]:
     if chunk_bytes < SLOT_ALIGN:
         raise PlanError(f"chunk size {chunk_bytes} below {SLOT_ALIGN}")
+    total = sum(max(e.nbytes, 0) for e in entries)
+    if -(-total // chunk_bytes) > max_chunks:  # refused before building anything
+        raise PlanError(f"{total} bytes in chunks of {chunk_bytes} exceed {max_chunks} chunks per rank "
+                        "(raise MX_STAGING_SLOT_BYTES)")
     chunks: list[Chunk] = []
     pieces: list[Piece] = []
     used = 0
@@ -58,6 +69,8 @@ def chunk_plan(entries: list[TensorEntry], chunk_bytes: int) -> list[Chunk]:
             start = _align(used)
             room = chunk_bytes - start
             if room <= 0:
+                if len(chunks) + 1 >= max_chunks:  # alignment padding can add a few chunks past the estimate
+                    raise PlanError(f"plan exceeds {max_chunks} chunks per rank (raise MX_STAGING_SLOT_BYTES)")
                 chunks.append(Chunk(len(chunks), tuple(pieces)))
                 pieces, used, start, room = [], 0, 0, chunk_bytes
             n = min(room, e.nbytes - off)

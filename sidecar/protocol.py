@@ -8,7 +8,7 @@ other protocol versions are rejected with a ProtocolError that names the problem
 from __future__ import annotations
 
 import hashlib
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -18,8 +18,18 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 MAX_TENSORS = 200_000
 MAX_HANDLES = 200_000
 MAX_NAME_CHARS = 1024
-MIN_SLOT_BYTES = 64 << 10  # a forged record of 1-byte slots would turn one transfer into billions of chunks
-MAX_SLOTS = 64
+# Bounds on what Redis and peers say, checked by the decoder before it allocates (msgspec checks a list's length
+# from its header). A staging slot below MIN_SLOT_BYTES would make a transfer millions of round trips.
+MAX_DIMS = 64
+MAX_RANKS = 1024
+MAX_SLOTS = 256
+MIN_SLOT_BYTES = 64 << 10
+MAX_SLOT_BYTES = 16 << 30
+MAX_CHUNKS_PER_RANK = 1 << 20  # a plan longer than this is refused (256 TiB of 256 MiB slots, 64 GiB of 64 KiB)
+
+_Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)]
+_Short = Annotated[str, msgspec.Meta(max_length=256)]
+_Slot = tuple[Annotated[int, msgspec.Meta(ge=0)], Annotated[int, msgspec.Meta(ge=MIN_SLOT_BYTES, le=MAX_SLOT_BYTES)]]
 
 Op = Literal["ping", "describe", "prepare_target", "load_from_storage", "weights_ready", "abort"]
 OPS: tuple[str, ...] = ("ping", "describe", "prepare_target", "load_from_storage", "weights_ready", "abort")
@@ -46,7 +56,7 @@ _DECODE_ERRORS = (msgspec.DecodeError, RecursionError, UnicodeDecodeError)
 class ShmHandle(msgspec.Struct, tag="shm", frozen=True):
     """A POSIX shared memory file under /dev/shm: `nbytes` of data start `offset` bytes into it."""
 
-    name: str
+    name: _Short
     offset: int
     nbytes: int
 
@@ -58,8 +68,8 @@ class CudaIpcHandle(msgspec.Struct, tag="cuda_ipc", frozen=True):
     `nbytes` is the part of the segment that tensors use, counted from the segment base.
     """
 
-    device_uuid: str
-    handle: bytes
+    device_uuid: _Short
+    handle: Annotated[bytes, msgspec.Meta(max_length=256)]
     nbytes: int
 
 
@@ -69,9 +79,9 @@ Handle = ShmHandle | CudaIpcHandle
 class TensorEntry(msgspec.Struct, array_like=True, frozen=True):
     """A tensor's bytes: `nbytes` starting `offset` bytes into handle `handle` (-1 for zero bytes)."""
 
-    name: str
-    dtype: str
-    shape: list[int]
+    name: _Name
+    dtype: _Short
+    shape: Annotated[list[int], msgspec.Meta(max_length=MAX_DIMS)]
     handle: int
     offset: int
     nbytes: int
@@ -94,8 +104,8 @@ class Manifest(msgspec.Struct, frozen=True):
     memory_kind: Literal["shm", "cuda_ipc"]
     exposed: bool
     layout_digest: str = ""
-    handles: list[Handle] = []
-    tensors: list[TensorEntry] = []
+    handles: Annotated[list[Handle], msgspec.Meta(max_length=MAX_HANDLES)] = []
+    tensors: Annotated[list[TensorEntry], msgspec.Meta(max_length=MAX_TENSORS)] = []
 
     @property
     def total_bytes(self) -> int:
@@ -297,10 +307,13 @@ class RankSource(msgspec.Struct, frozen=True):
     mem_type: str
     device_id: int
     mode: Literal["direct", "staged"]
-    entries: list[TensorEntry]
-    checksums: list[str]  # aligned with entries; empty when the source did not compute them
-    slots: list[tuple[int, int]] = []  # staged: (addr, nbytes) of each staging slot
-    entry_addrs: list[int] = []  # direct: absolute address of each entry in the source process
+    entries: Annotated[list[TensorEntry], msgspec.Meta(max_length=MAX_TENSORS)]
+    # aligned with entries; empty when the source did not compute them
+    checksums: Annotated[list[_Short], msgspec.Meta(max_length=MAX_TENSORS)]
+    # staged: (addr, nbytes) of each staging slot, MIN_SLOT_BYTES..MAX_SLOT_BYTES each
+    slots: Annotated[list[_Slot], msgspec.Meta(max_length=MAX_SLOTS)] = []
+    # direct: absolute address of each entry in the source process
+    entry_addrs: Annotated[list[int], msgspec.Meta(max_length=MAX_TENSORS)] = []
 
 
 class SourceRecord(msgspec.Struct, frozen=True):
@@ -309,7 +322,7 @@ class SourceRecord(msgspec.Struct, frozen=True):
     node: str
     model: str
     fingerprint: str
-    ranks: list[RankSource]
+    ranks: Annotated[list[RankSource], msgspec.Meta(max_length=MAX_RANKS)]
     published_at: float = 0.0  # wall clock of the publication (inside the seal: a replay shows its age)
 
 
@@ -333,7 +346,7 @@ def decode_sealed(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Se
     _check_frame(data, max_bytes)
     try:
         return _sealed_decoder.decode(data)
-    except msgspec.DecodeError as e:
+    except _DECODE_ERRORS as e:
         raise ProtocolError(f"malformed sealed value: {e}") from None
 
 

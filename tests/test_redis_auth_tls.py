@@ -27,8 +27,8 @@ USER_PASSWORD = "acl-K4vN9-never-shown"  # the ACL user's password
 WRONG = "wrong-Jh2xP7-never-shown"
 SECRETS = (PASSWORD, USER_PASSWORD, WRONG)
 # The least a sidecar needs (README 'Redis AUTH/TLS'): its own key prefix and these commands.
-MX_ACL = (f"mx on >{USER_PASSWORD} ~mx:* resetchannels -@all +ping +get +set +del +sadd +srem +smembers +pexpire "
-          "+incrby +eval +multi +exec +scan")
+MX_ACL = (f"mx on >{USER_PASSWORD} ~mx:* resetchannels -@all +ping +get +set +del +sadd +srem +pexpire "
+          "+incrby +eval +multi +exec +scan +getrange +srandmember")
 
 
 def _no_secret(text: str) -> None:
