@@ -42,7 +42,8 @@ from tests.tooling import (
 # Settings the lead's security work adds to sidecar/config.py (reserved names, HELPERS-COMMON.md).
 RESERVED_SETTINGS = {"MX_AUTH_KEY_FILE", "MX_REDIS_USERNAME", "MX_REDIS_PASSWORD_FILE", "MX_REDIS_TLS_CA_FILE",
                      "MX_REDIS_TLS_CERT_FILE", "MX_REDIS_TLS_KEY_FILE", "MX_ALLOW_TCP_HOOK"}
-VARIANTS = [(o, ()) for o in OVERLAYS] + [("vllm", ("rdma",)), ("vllm", ("redis-tls",)), ("trtllm", COMPONENTS)]
+VARIANTS = [(o, ()) for o in OVERLAYS] + [("vllm", ("rdma",)), ("vllm", ("redis-tls",)), ("trtllm", COMPONENTS),
+                                          ("example", ())]
 
 
 def _ids(v: tuple[str, tuple[str, ...]]) -> str:
@@ -56,7 +57,10 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, 
     base = tmp_path_factory.mktemp("render")
     for overlay, comps in VARIANTS:
         vid = _ids((overlay, comps))
-        src = DEPLOY / "overlays" / overlay if not comps else compose(base / f"k-{vid}", overlay, comps)
+        if overlay == "example":  # README's user kustomization
+            src = DEPLOY / "examples" / "my-llm"
+        else:
+            src = DEPLOY / "overlays" / overlay if not comps else compose(base / f"k-{vid}", overlay, comps)
         text = kustomize(src)
         path = base / f"{vid}.yaml"
         path.write_text(text)
@@ -254,6 +258,16 @@ def test_every_mx_setting_in_the_manifests_is_a_known_setting(rendered, variant)
     used = {k for c in (_sidecar(objs), _engine(objs)) for k in _env(objs, c) if k.startswith("MX_")}
     used |= {e["name"] for e in _sidecar(objs)["env"] if e["name"].startswith("MX_")}
     assert used and used <= known, sorted(used - known)
+
+
+def test_the_users_example_sets_namespace_images_and_model_and_keeps_the_contract(rendered):
+    _, objs = rendered["example"]
+    assert {o["metadata"].get("namespace") for o in objs} == {"llm"}
+    assert _sidecar(objs)["image"] == "registry.example.com/mx-sidecar:0.1.0"
+    assert _engine(objs)["image"] == "registry.example.com/vllm-mx:v0.26.0-mx1"
+    assert _env(objs, _sidecar(objs))["MX_MODEL_NAME"] == "qwen2.5-7b"
+    assert find(objs, "Deployment", "llm")["spec"]["replicas"] == 4
+    assert "--load-format" in _engine(objs)["args"] and _engine(objs)["args"][2] == "mx"
 
 
 def test_the_rdma_component_gives_the_rdma_device_and_ipc_lock_to_the_sidecar_only(rendered):
