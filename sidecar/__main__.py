@@ -8,6 +8,7 @@ import sys
 
 from sidecar.config import Config, ConfigError, markdown_table
 from sidecar.logs import setup_logging
+from sidecar.redis_client import redact_url
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,19 +42,20 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(cfg.log_level)
     if args.cmd == "config":
         for k, v in vars(cfg).items():
-            print(f"{k} = {v!r}")
+            print(f"{k} = {redact_url(v) if k == 'redis_url' else v!r}")
         return 0
     if args.cmd == "status":
         from redis.exceptions import RedisError  # the sidecar extra
 
         from sidecar.fleet import status
+        from sidecar.redis_client import describe_error
 
         try:
             return asyncio.run(status(cfg, args.model, args.json, args.watch))
         except KeyboardInterrupt:
             return 0
         except (RedisError, OSError) as e:
-            print(f"mx-sidecar: cannot read {cfg.redis_url}: {e}", file=sys.stderr)
+            print(f"mx-sidecar: cannot read {redact_url(cfg.redis_url)}: {describe_error(e)}", file=sys.stderr)
             return 1
     try:
         from sidecar.daemon import run_daemon
@@ -61,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mx-sidecar: {e}; the daemon needs the sidecar extra: pip install 'mx-sidecar[sidecar,nixl-cu13]'",
               file=sys.stderr)
         return 2
-    return run_daemon(cfg)
+    try:
+        return run_daemon(cfg)
+    except ConfigError as e:  # e.g. a secret file that cannot be read
+        print(f"mx-sidecar: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -12,13 +12,20 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from sidecar.auth import AuthError, Keyring
 from sidecar.config import Config
-from sidecar.protocol import ProtocolError, SourceRecord, decode_record
+from sidecar.coordinator import open_record
+from sidecar.protocol import ProtocolError, SourceRecord, decode_record, decode_sealed
 
 
-def authenticated(rec: SourceRecord) -> str:
-    """'yes', 'no' or 'unknown'. Records carry no signature yet; the security work will check it here."""
-    return "unknown"
+def _open(keys: Keyring, key: str, blob: bytes, max_bytes: int) -> tuple[SourceRecord, str]:
+    """The record and whether it is authenticated: 'yes' (verified with the key), 'NO KEY' (nothing to verify
+    with), or 'REFUSED (reason)': shown, but a target would refuse it."""
+    try:
+        rec = open_record(keys, key, blob, max_bytes)
+        return rec, "yes" if keys.enabled else "NO KEY"
+    except AuthError as e:
+        return decode_record(decode_sealed(blob, max_bytes).body, max_bytes), f"REFUSED ({e.reason})"
 
 
 @dataclass(frozen=True)
@@ -71,7 +78,7 @@ def _beat(value: bytes | None) -> tuple[float, float] | None:
 
 
 async def read_fleet(r: Any, prefix: str, model: str | None = None, max_record_bytes: int = 64 << 20,
-                     redis_label: str = "") -> Fleet:
+                     redis_label: str = "", keys: Keyring | None = None) -> Fleet:
     """One consistent-enough pass over Redis (SCAN + pipelined GETs); `model` filters the result."""
     now = time.time()
     unreadable: list[str] = []
@@ -97,7 +104,7 @@ async def read_fleet(r: Any, prefix: str, model: str | None = None, max_record_b
         if blob is None:
             continue  # expired between SCAN and GET
         try:
-            rec = decode_record(bytes(blob), max_record_bytes)
+            rec, auth = _open(keys or Keyring(None), k, bytes(blob), max_record_bytes)
         except ProtocolError as e:
             unreadable.append(f"{k}: {e}")
             continue
@@ -109,7 +116,7 @@ async def read_fleet(r: Any, prefix: str, model: str | None = None, max_record_b
             # max(0, ...): a beat written after this pass began is 0 s old, not negative
             age_s=max(0.0, now - rec.published_at) if rec.published_at else None,
             heartbeat_s=max(0.0, now - beat[0]) if beat else None, live=bool(beat and now - beat[0] <= beat[1]),
-            authenticated=authenticated(rec)))
+            authenticated=auth))
     leases: list[Lease] = []
     async for key in r.scan_iter(match=f"{prefix}:*:seed", count=500):
         k = key.decode()
@@ -185,26 +192,18 @@ def render(fleet: Fleet) -> str:
     return "\n".join(out)
 
 
-def _connect(cfg: Config) -> Any:
-    """The Redis client. To change when the security work lands: build it the way the Coordinator does
-    (username, password file, TLS files)."""
-    import redis.asyncio as aioredis
-
-    return aioredis.Redis.from_url(cfg.redis_url, socket_timeout=5, socket_connect_timeout=5)
-
-
-def _redis_label(url: str) -> str:
-    """The URL without credentials, for the header line."""
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://{rest.rsplit('@', 1)[-1]}"
 
 
 async def status(cfg: Config, model: str | None, as_json: bool, watch: float | None) -> int:
     """Print the fleet once, or every `watch` seconds until interrupted (--json --watch: one JSON per line)."""
-    r = _connect(cfg)
+    from sidecar.redis_client import connect, redact_url
+
+    r = connect(cfg)
+    keys = Keyring.from_file(cfg.auth_key_file)
     try:
         while True:
-            fleet = await read_fleet(r, cfg.redis_prefix, model, cfg.max_message_bytes, _redis_label(cfg.redis_url))
+            fleet = await read_fleet(r, cfg.redis_prefix, model, cfg.max_message_bytes, redact_url(cfg.redis_url),
+                                     keys)
             if as_json:
                 print(json.dumps(asdict(fleet), indent=None if watch is not None else 2), flush=True)
             else:

@@ -357,10 +357,16 @@ def test_the_redis_acl_admits_the_mx_user_to_its_prefix_only_with_the_real_coord
 
 
 async def _coordinator_round(url: str) -> None:
+    import redis.asyncio as aioredis
+
+    from sidecar.auth import Keyring
+
     """Every Redis command the sidecar issues, through the real Coordinator, under the ACL."""
     fp = "f" * 64
-    a = Coordinator(url, "mx", "node-1-a", "node-1", 5.0, 1 << 20, 1 << 20)
-    b = Coordinator(url, "mx", "node-1-b", "node-1", 5.0, 1 << 20, 1 << 20)
+    a = Coordinator(aioredis.Redis.from_url(url), "mx", "node-1-a", "node-1", 5.0, 1 << 20, 1 << 20,
+                    Keyring(b"k" * 32))
+    b = Coordinator(aioredis.Redis.from_url(url), "mx", "node-1-b", "node-1", 5.0, 1 << 20, 1 << 20,
+                    Keyring(b"k" * 32))
     try:
         await a.ping()
         assert await a.try_seed(fp, 5.0) and not await b.try_seed(fp, 5.0)

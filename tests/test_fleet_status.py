@@ -56,7 +56,7 @@ def test_status_lists_each_models_live_sources_with_node_ranks_mode_readers_age_
     for s in toy["sources"] + models["other-model"]["sources"]:
         assert s["ranks"] == 2 and s["live"] is True and s["readers"] == 0
         assert s["node"] and 0 < s["age_s"] < 120 and 0 <= s["heartbeat_s"] < 3
-        assert s["authenticated"] == "unknown"  # records carry no signature yet
+        assert s["authenticated"] == "NO KEY"  # these replicas run without MX_AUTH_KEY_FILE
     assert [s["mode"] for s in toy["sources"]] == ["direct", "direct"]
     assert [s["mode"] for s in models["other-model"]["sources"]] == ["staged"]
     only = _models(_fleet(redis_server.url, "--model", "other-model"))

@@ -58,7 +58,7 @@ def test_the_engine_side_install_needs_only_the_hooks_dependencies():
     base = {canonicalize_name(Requirement(r).name) for r in PYPROJECT["dependencies"]}
     assert base == {"msgspec", "pyzmq", "numpy", "safetensors"}
     extra = {canonicalize_name(Requirement(r).name) for r in PYPROJECT["optional-dependencies"]["sidecar"]}
-    assert extra == {"redis", "uvloop", "prometheus-client", "xxhash"}
+    assert extra == {"redis", "uvloop", "prometheus-client", "xxhash", "cryptography"}
 
 
 def test_the_hook_imports_without_the_sidecars_packages_and_the_daemon_says_what_to_install():
