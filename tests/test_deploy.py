@@ -10,8 +10,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import json
+import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,10 +24,13 @@ import pytest
 import redis
 import yaml
 
-from sidecar.config import SETTINGS
+from sidecar.auth import Keyring
+from sidecar.config import SETTINGS, Config
 from sidecar.coordinator import Coordinator
 from sidecar.embedded_redis import server_binary
+from sidecar.fleet import read_fleet
 from sidecar.protocol import PROTOCOL_VERSION, SourceRecord
+from sidecar.redis_client import connect
 from tests.tooling import (
     COMPONENTS,
     DEPLOY,
@@ -330,9 +336,10 @@ def test_make_secrets_prints_fresh_random_secrets_of_the_names_the_manifests_mou
     assert a["mx-redis-auth"]["password"] in a["mx-redis-auth"]["users.acl"]
 
 
-def test_the_redis_acl_admits_the_mx_user_to_its_prefix_only_with_the_real_coordinator(tmp_path):
+def test_the_redis_acl_admits_the_sidecar_and_status_through_the_manifests_settings_and_nothing_else(tmp_path):
     sec = _secrets()["mx-redis-auth"]
     (tmp_path / "users.acl").write_text(sec["users.acl"] + "\n")
+    (tmp_path / "password").write_text(sec["password"])
     sock = tmp_path / "r.sock"
     srv = subprocess.Popen([server_binary(), "--port", "0", "--unixsocket", str(sock), "--save", "", "--appendonly",
                             "no", "--dir", str(tmp_path), "--aclfile", str(tmp_path / "users.acl")],
@@ -345,32 +352,35 @@ def test_the_redis_acl_admits_the_mx_user_to_its_prefix_only_with_the_real_coord
         with pytest.raises(redis.exceptions.AuthenticationError):
             anon.set("mx:x", 1)
         mx = redis.Redis(unix_socket_path=str(sock), username="mx", password=sec["password"])
-        with pytest.raises(redis.exceptions.NoPermissionError):
-            mx.set("other:x", 1)
-        with pytest.raises(redis.exceptions.NoPermissionError):
-            mx.flushall()
-        url = f"unix://mx:{sec['password']}@{sock}"
-        asyncio.run(_coordinator_round(url))
+        for forbidden in (lambda: mx.set("other:x", 1), mx.flushall, lambda: mx.config_get("*"), mx.keys):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                forbidden()
+        # The settings the manifests set (mx-sidecar ConfigMap + the mounted Secret file), read by the real code.
+        env = {"MX_REDIS_URL": f"unix://{sock}", "MX_REDIS_USERNAME": "mx",
+               "MX_REDIS_PASSWORD_FILE": str(tmp_path / "password")}
+        asyncio.run(_sidecar_round(Config.from_env(env)))
+        res = subprocess.run([sys.executable, "-m", "sidecar", "status", "--json"], capture_output=True, text=True,
+                             timeout=60, env={**os.environ, **env, "MX_LOG_LEVEL": "warning"})
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout)["unreadable"] == []
     finally:
         srv.terminate()
         srv.wait(5)
 
 
-async def _coordinator_round(url: str) -> None:
-    import redis.asyncio as aioredis
-
-    from sidecar.auth import Keyring
-
-    """Every Redis command the sidecar issues, through the real Coordinator, under the ACL."""
+async def _sidecar_round(cfg: Config) -> None:
+    """Every Redis command the sidecar issues (real Coordinator) and what `status` reads, under the ACL."""
     fp = "f" * 64
-    a = Coordinator(aioredis.Redis.from_url(url), "mx", "node-1-a", "node-1", 5.0, 1 << 20, 1 << 20,
-                    Keyring(b"k" * 32))
-    b = Coordinator(aioredis.Redis.from_url(url), "mx", "node-1-b", "node-1", 5.0, 1 << 20, 1 << 20,
-                    Keyring(b"k" * 32))
+    keys = Keyring(b"k" * 32)
+    a = Coordinator(connect(cfg), "mx", "node-1-a", "node-1", 5.0, 1 << 20, 1 << 20, keys)
+    b = Coordinator(connect(cfg), "mx", "node-1-b", "node-1", 5.0, 1 << 20, 1 << 20, keys)
+    r = connect(cfg)
     try:
         await a.ping()
         assert await a.try_seed(fp, 5.0) and not await b.try_seed(fp, 5.0)
         assert await a.renew_seed(fp, 5.0) and await b.seeder(fp) == "node-1-a"
+        fleet = await read_fleet(r, "mx", keys=keys)
+        assert [le.holder for m in fleet.models for le in m.leases] == ["node-1-a"]
         await a.put_agent("agent-a", b"meta")
         rec = SourceRecord(PROTOCOL_VERSION, "node-1-a", "node-1", "m", fp, [])
         await a.publish(rec, ["agent-a"])
@@ -380,12 +390,14 @@ async def _coordinator_round(url: str) -> None:
         assert [c.record.replica for c in cands] == ["node-1-a"]
         assert await b.get_agent("agent-a") == b"meta"
         await b.reader_delta(fp, "node-1-a", +1)
+        fleet = await read_fleet(r, "mx", keys=keys)
+        assert [(s.replica, s.readers, s.authenticated) for s in fleet.models[0].sources] == [("node-1-a", 1, "yes")]
         await a.withdraw(fp, ["agent-a"])
         assert await b.live_sources(fp) == []
     finally:
         await a.close()
         await b.close()
-
+        await r.aclose()
 
 
 # ---------------------------------------------------------------- the ports NetworkPolicy names are the real ones
