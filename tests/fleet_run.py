@@ -108,7 +108,11 @@ def fleet(work: Path, hold_s: float = 2.0) -> Iterator[FleetRun]:
         run.t_end = time.time()
         yield run
     finally:
-        for rep in reversed(list(run.replicas.values())):
+        for rep in run.replicas.values():  # all at once: each withdraws and exits in parallel
+            if rep.sidecar is not None:
+                rep.sidecar.signal(signal.SIGTERM)
+            rep.engine.signal(signal.SIGTERM)
+        for rep in run.replicas.values():
             rep.stop()
         prom.stop()
         redis.stop()
