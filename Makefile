@@ -15,7 +15,7 @@ TOOLS ?= .tools
 REDIS_TLS := $(TOOLS)/redis-tls/usr/bin/redis-server
 
 .PHONY: demo test test-main test-vllm lint typecheck unit bench gpu-check clean venv vllm-venv tools deploy-check \
-	dashboard-png redis-tls chaos fuzz
+	dashboard-png redis-tls chaos fuzz bench-trtllm
 
 venv: $(STAMP)
 
@@ -89,6 +89,10 @@ typecheck: venv
 
 bench: venv
 	$(BIN)/python -m sidecar.bench
+
+# TRT-LLM checkpoint at the file level vs copying the same files from local disk -> docs/benchmarks/trtllm-cpu.json
+bench-trtllm: venv
+	$(BIN)/python -m tests.trtllm.bench_trtllm
 
 # On a GPU machine (or via the device tool): see tests/gpu/README.md
 gpu-check:

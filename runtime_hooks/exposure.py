@@ -95,9 +95,16 @@ def share_cpu_storage(view: torch.Tensor) -> ShmHandle:
 
 def compute_fingerprint(identity: ModelIdentity, tensors: dict[str, torch.Tensor]) -> str:
     """Computed once, on the tensors as built before any load, so source and target agree on it."""
-    kinds = sorted({t.device.type for t in tensors.values()})
-    fields = {**identity.fields(), "device_types": ",".join(kinds)}
-    return fingerprint(fields, [(n, dtype_name(t.dtype), list(t.shape)) for n, t in tensors.items()])
+    kinds = {t.device.type for t in tensors.values()}
+    return layout_fingerprint(identity, kinds, [(n, dtype_name(t.dtype), list(t.shape)) for n, t in tensors.items()])
+
+
+def layout_fingerprint(identity: ModelIdentity, device_types: set[str],
+                       layout: list[tuple[str, str, list[int]]]) -> str:
+    """The fingerprint `compute_fingerprint` gives tensors of this layout on these device types, without tensors
+    (a file-level target computes it from a source's record before it allocates anything)."""
+    fields = {**identity.fields(), "device_types": ",".join(sorted(device_types))}
+    return fingerprint(fields, layout)
 
 
 def share_cpu_storages(tensors: dict[str, torch.Tensor]) -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import shlex
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -113,6 +115,31 @@ def _readable_file(raw: str) -> str:
     return path
 
 
+def _devices(raw: str) -> str:
+    v = raw.strip().lower()
+    if v in ("auto", "cpu", "cuda"):
+        return v
+    parts = [x.strip() for x in v.split(",")]
+    if not all(re.fullmatch(r"cpu|cuda:\d{1,3}", x) for x in parts) or len({x == "cpu" for x in parts}) != 1:
+        raise ValueError("must be auto, cpu, cuda, or a list of one kind such as cuda:0,cuda:1")
+    return ",".join(parts)
+
+
+def _plugin(raw: str) -> str:
+    v = raw.strip().lower()
+    if not re.fullmatch(r"[a-z0-9_]{1,32}", v):
+        raise ValueError("must be a trtllm-build --gemm_plugin value such as auto, bfloat16, float16, fp8, disable")
+    return v
+
+
+def _args(raw: str) -> str:
+    try:
+        shlex.split(raw)
+    except ValueError as e:
+        raise ValueError(f"must be shell-quoted arguments: {e}") from None
+    return raw.strip()
+
+
 def _nonempty(raw: str) -> str:
     v = raw.strip()
     if not v or len(v) > 200 or any(c in v for c in " \t\n:{}"):
@@ -194,6 +221,39 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MX_MODEL_REVISION", "model_revision", "",
             "Engine hook (vLLM): the revision in the fingerprint; default: --revision, else a digest of the local "
             "checkpoint's config and safetensors headers.", _text),
+    # TensorRT-LLM checkpoints and model directories, file level (runtime_hooks/trtllm.py, file_publish.py).
+    Setting("MX_TRTLLM_MODEL_NAME", "trtllm_model_name", "",
+            "TRT-LLM / model files: the name a publisher announces and a loader asks for; default: MX_MODEL_NAME.",
+            _text),
+    Setting("MX_TRTLLM_CHECKPOINT_DIR", "trtllm_checkpoint_dir", "",
+            "Publisher: the TRT-LLM checkpoint (or model) directory it serves; loader: where it writes the "
+            "received files (default: `<MX_TRTLLM_OUTPUT_DIR>/checkpoint`).", _text),
+    Setting("MX_TRTLLM_OUTPUT_DIR", "trtllm_output_dir", "/tmp/mx_trtllm",
+            "Loader: root of the received checkpoint (`checkpoint/`), the engine (`engine/`) and the build log.",
+            _text),
+    Setting("MX_TRTLLM_DEVICES", "trtllm_devices", "auto",
+            "Where the file bytes live: `cpu` (shared memory), `cuda` (rank r on GPU r mod count), a list "
+            "(`cuda:0,cuda:1`), or `auto` (publisher: GPUs if any; loader: the source's memory kind).", _devices),
+    Setting("MX_TRTLLM_SOURCE_TIMEOUT", "trtllm_source_timeout", 3600.0,
+            "Loader: seconds to wait for a source of the model before `Source not found`.", _positive_seconds),
+    Setting("MX_TRTLLM_BUILD_COMMAND", "trtllm_build_command", "trtllm-build",
+            "Loader: the engine builder run on the received checkpoint (looked up on PATH).", _nonempty),
+    Setting("MX_TRTLLM_MAX_BATCH_SIZE", "trtllm_max_batch_size", 8, "trtllm-build `--max_batch_size`.",
+            _positive_int),
+    Setting("MX_TRTLLM_MAX_INPUT_LEN", "trtllm_max_input_len", 2048, "trtllm-build `--max_input_len`.",
+            _positive_int),
+    Setting("MX_TRTLLM_MAX_SEQ_LEN", "trtllm_max_seq_len", 4096, "trtllm-build `--max_seq_len`.", _positive_int),
+    Setting("MX_TRTLLM_MAX_NUM_TOKENS", "trtllm_max_num_tokens", 0,
+            "trtllm-build `--max_num_tokens`; 0: not passed (trtllm-build's default).", _non_negative_int),
+    Setting("MX_TRTLLM_GEMM_PLUGIN", "trtllm_gemm_plugin", "auto", "trtllm-build `--gemm_plugin`.", _plugin),
+    Setting("MX_TRTLLM_BUILD_WORKERS", "trtllm_build_workers", 0,
+            "trtllm-build `--workers`; 0: not passed (one worker).", _non_negative_int),
+    Setting("MX_TRTLLM_BUILD_ARGS", "trtllm_build_args", "",
+            "Extra trtllm-build arguments, shell-quoted, appended last (e.g. `--use_paged_context_fmha enable`).",
+            _args),
+    Setting("MX_TRTLLM_BUILD_TIMEOUT", "trtllm_build_timeout", 7200.0,
+            "Loader: seconds trtllm-build may run before it is stopped and the build counts as failed.",
+            _positive_seconds),
     Setting("MX_LOG_LEVEL", "log_level", "info", "debug, info, warning or error.",
             _choice("debug", "info", "warning", "error")),
     Setting("MX_AUTH_KEY_FILE", "auth_key_file", "",
@@ -246,6 +306,20 @@ class Config:
     slow_link_gbps: float
     sidecar_timeout: float
     model_revision: str
+    trtllm_model_name: str
+    trtllm_checkpoint_dir: str
+    trtllm_output_dir: str
+    trtllm_devices: str
+    trtllm_source_timeout: float
+    trtllm_build_command: str
+    trtllm_max_batch_size: int
+    trtllm_max_input_len: int
+    trtllm_max_seq_len: int
+    trtllm_max_num_tokens: int
+    trtllm_gemm_plugin: str
+    trtllm_build_workers: int
+    trtllm_build_args: str
+    trtllm_build_timeout: float
     log_level: str
     auth_key_file: str
     test_failpoints: str

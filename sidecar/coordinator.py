@@ -21,11 +21,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from sidecar.auth import AuthError, Keyring
-from sidecar.protocol import ProtocolError, SourceRecord, decode_record, encode
+from sidecar.protocol import ProtocolError, SourceRecord, decode_record, decode_sealed, encode
 from sidecar.redis_client import describe_error
 
 log = logging.getLogger("mx.coordinator")
@@ -38,6 +39,15 @@ _RELEASE_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+class _RecordHead(msgspec.Struct):
+    """The first fields of a SourceRecord: enough to skip records of other models without decoding their ranks."""
+
+    model: str = ""
+
+
+_head_decoder = msgspec.msgpack.Decoder(_RecordHead)
 
 
 class CoordinatorUnavailable(RuntimeError):
@@ -193,6 +203,43 @@ class Coordinator:
                 self._on_auth_fail(rid, e.reason)
                 continue
             except ProtocolError as e:
+                log.warning("ignoring source %s: %s", rid, e)
+                continue
+            if rec.fingerprint != fp or rec.replica != rid:
+                log.warning("ignoring source %s: record names another replica or model", rid)
+                continue
+            out.append(Candidate(rec, _count(readers), rec.node == self._node))
+        out.sort(key=lambda c: (not c.same_node, c.readers, c.record.replica))
+        return out
+
+    async def sources_of_model(self, model: str) -> list[Candidate]:
+        """Fresh sources of every fingerprint whose record names `model`. Read-only.
+
+        For file-level targets (runtime_hooks/file_publish.py), which learn the fingerprint from the source's
+        record. A SCAN over `P:*:src:*`: fine for tens of models; a `P:model:M` index would make it O(1).
+        """
+        out: list[Candidate] = []
+        now = time.time()
+        try:
+            keys = [k.decode() async for k in self._r.scan_iter(match=f"{self._p}:*:src:*", count=1000)]
+        except (RedisError, OSError) as e:
+            raise CoordinatorUnavailable(f"redis scan: {e}") from e
+        for key in keys:
+            parts = key.split(":")
+            if len(parts) != 4:
+                continue
+            fp, rid = parts[1], parts[3]
+            hb, blob, readers = await self._call("source", self._get3(fp, rid))
+            if hb is None or blob is None or not _fresh(hb, now) or len(blob) > self._max_record:
+                continue
+            try:
+                if _head_decoder.decode(decode_sealed(blob, self._max_record).body).model != model:
+                    continue
+                rec = open_record(self._keys, key, blob, self._max_record)
+            except AuthError as e:
+                self._on_auth_fail(rid, e.reason)
+                continue
+            except (msgspec.DecodeError, ProtocolError) as e:
                 log.warning("ignoring source %s: %s", rid, e)
                 continue
             if rec.fingerprint != fp or rec.replica != rid:

@@ -134,6 +134,17 @@ def test_strict_validation_rejects_an_unknown_field_and_a_native_sidecar_on_1_27
     assert res.returncode != 0 and "restartPolicy" in res.stdout + res.stderr
 
 
+@pytest.mark.parametrize("k8s", ["1.30.0", "1.33.0"])
+def test_the_plain_trtllm_examples_validate_strictly_and_carry_the_peer_label(k8s):
+    files = sorted((DEPLOY / "examples" / "trtllm").glob("*.yaml"))
+    assert len(files) == 3
+    res = run([venv_tool("kubernetes-validate"), "--strict", "-k", k8s, *map(str, files)])
+    assert res.returncode == 0, res.stdout + res.stderr
+    for f in files:
+        pod = find(docs(f.read_text()), "Deployment")["spec"]["template"]
+        assert pod["metadata"]["labels"]["mx-sidecar.io/peer"] == "true", f"{f.name}: NetworkPolicy would block it"
+
+
 # ---------------------------------------------------------------- the pod's contract
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
@@ -162,7 +173,8 @@ def test_sidecar_probes_use_readyz_and_healthz_and_the_startup_probe_never_waits
     assert side["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "mx-metrics"}
     # A native sidecar's startup probe gates the engine's start; /readyz needs the engine: it would deadlock.
     assert side["startupProbe"]["httpGet"]["path"] == "/healthz"
-    assert _engine(objs)["readinessProbe"]["httpGet"]["path"] == "/health"
+    if variant[0] != "trtllm":  # the TRT-LLM publisher serves files, no HTTP: the sidecar's /readyz is the pod's
+        assert _engine(objs)["readinessProbe"]["httpGet"]["path"] == "/health"
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
@@ -177,6 +189,7 @@ def test_the_sidecar_requests_no_gpu_and_sees_the_engines_gpus_through_the_nvidi
     env = _env(objs, side)
     assert env["NVIDIA_VISIBLE_DEVICES"] == "all" and "compute" in env["NVIDIA_DRIVER_CAPABILITIES"]
     assert int(eng["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+    assert eng["image"] != "engine" and "/" in eng["image"], "every image is resolved to a registry path"
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
@@ -200,7 +213,12 @@ def test_no_secret_is_inline_and_every_secret_file_is_a_mounted_secret(rendered,
     for k, path in files.items():
         assert any(path.startswith(m + "/") for m in mounted), f"{k}={path} is not in a mounted Secret"
     assert set(mounted.values()) >= {"mx-redis-auth", "mx-auth-key"}
-    assert not [m for m in _engine(objs)["volumeMounts"] if m["name"] in secret_vols], "the engine needs no secret"
+    # The hook checks a MAC on every command with the same key; the Redis credentials stay with the sidecar.
+    eng = _engine(objs)
+    eng_secrets = {secret_vols[m["name"]]: m["mountPath"] for m in eng["volumeMounts"] if m["name"] in secret_vols}
+    assert eng_secrets == {"mx-auth-key": _mount(side, "mx-auth-key")}
+    assert _env(objs, eng)["MX_AUTH_KEY_FILE"] == env["MX_AUTH_KEY_FILE"]
+    assert "MX_REDIS_PASSWORD_FILE" not in _env(objs, eng)
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
@@ -236,7 +254,8 @@ def test_network_policies_admit_only_replicas_to_redis_and_to_the_pinned_ucx_por
     assert len(ucx) == 1 and ucx[0]["from"] == [{"podSelector": {"matchLabels": peer}}]
     assert ucx[0]["ports"] == [{"protocol": "TCP", "port": lo, "endPort": hi}]
     open_ports = {p["port"] for r in peers["ingress"] if "from" not in r for p in r["ports"]}
-    assert open_ports == {9400, 8000}, "only metrics/probes and the engine's API are open to all"
+    api = set() if variant[0] == "trtllm" else {8000}  # the TRT-LLM publisher has no API
+    assert open_ports == {9400} | api, "only metrics/probes and the engine's API are open to all"
     red = find(objs, "NetworkPolicy", "mx-redis")["spec"]
     redis_pod = find(objs, "Deployment", "mx-redis")["spec"]["template"]["metadata"]["labels"]
     assert red["podSelector"]["matchLabels"].items() <= redis_pod.items()

@@ -1,0 +1,587 @@
+"""Files through the hook protocol: a publisher holds a directory's files in memory and serves them, a target with
+no files rebuilds the directory byte for byte from a live publisher.
+
+Each rank is an ordinary engine rank to the sidecar: its "tensors" are the exact bytes of its files (one uint8 1-D
+tensor per file, header included, never re-serialised), in POSIX shared memory on CPU and in GPU memory (CUDA IPC)
+on GPU, named `<path>@sha256:<digest>` (runtime_hooks/file_layout.py). The sidecar beside each process does the
+rest exactly as for vLLM: roles, NIXL, checksums, publication.
+
+Target flow: read the source's record from Redis (`read_source_records`, the one place that reads records), rebuild
+the layout and fingerprint from it, allocate buffers of those sizes, run the normal hook flow (the sidecar picks the
+source by fingerprint and READs), then, inside `after_receive`, hash every file and write it to a staging folder;
+only when every file of every rank matched the source's SHA-256 do the files move into place. A target has no
+storage to fall back to: a `load_from_storage` verdict is a clear error, never a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from runtime_hooks.base import Outcome, RankHook
+from runtime_hooks.exposure import ModelIdentity
+from runtime_hooks.file_layout import FileSpec, LayoutError, SourceLayout, files_identity, layout_from_record
+from sidecar.config import Config
+from sidecar.coordinator import Coordinator, CoordinatorUnavailable
+from sidecar.protocol import SourceRecord
+
+log = logging.getLogger("mx.files")
+
+CHUNK = 64 << 20
+STAGING_PREFIX = ".mx-incoming-"
+
+__all__ = ["FilePublisher", "FileReceiver", "FilesError", "ReceiveResult", "SourceNotFound", "TransferFailed",
+           "read_source_records", "wait_for_source"]
+
+
+class FilesError(RuntimeError):
+    """A file-level publication or receive that cannot go on; the message says what to do."""
+
+
+class SourceNotFound(FilesError, TimeoutError):
+    """No live source of the model (within the timeout, or it vanished before the sidecar could use it)."""
+
+
+class TransferFailed(FilesError):
+    """The bytes did not arrive verified; nothing was written to the destination."""
+
+
+# ------------------------------------------------------------------------------------------------ memory
+
+
+def alloc_file_buffer(size: int, device: str) -> torch.Tensor:
+    """A uint8 buffer for one file: in POSIX shared memory on CPU (moved there before any byte is written, so the
+    hook never copies it again), in GPU memory otherwise."""
+    if torch.device(device).type == "cpu" and size:
+        # A fresh shared-memory storage (no copy of an uninitialised buffer: 2-3x faster than share-after-alloc).
+        storage = torch.UntypedStorage._new_using_filename_cpu(size)  # type: ignore[attr-defined]
+        return torch.empty(0, dtype=torch.uint8).set_(storage)
+    return torch.empty(size, dtype=torch.uint8, device=device)
+
+
+def host_chunks(t: torch.Tensor, chunk: int = CHUNK) -> Iterator[memoryview]:
+    """The buffer's bytes in order, as host memory: views of the buffer itself on CPU, a pinned bounce buffer on GPU."""
+    n = t.numel()
+    if t.device.type == "cpu":
+        mv = t.numpy().data.cast("B")
+        for off in range(0, n, chunk):
+            yield mv[off:off + chunk]
+        return
+    bounce = torch.empty(min(chunk, max(n, 1)), dtype=torch.uint8, pin_memory=True)
+    bmv = bounce.numpy().data.cast("B")
+    for off in range(0, n, chunk):
+        k = min(chunk, n - off)
+        bounce[:k].copy_(t[off:off + k])  # synchronous: the bytes are on the host when copy_ returns
+        yield bmv[:k]
+
+
+def read_file_into(path: Path, t: torch.Tensor, chunk: int = CHUNK) -> str:
+    """Read `path` into `t` (exactly t.numel() bytes) and return its SHA-256, in one pass over the file."""
+    h = hashlib.sha256()
+    n = t.numel()
+    with open(path, "rb", buffering=0) as f:
+        if t.device.type == "cpu":
+            mv = t.numpy().data.cast("B")
+            off = 0
+            while off < n:
+                k = f.readinto(mv[off:off + chunk])
+                if not k:
+                    raise LayoutError(f"{path} shrank while it was read ({off} of {n} bytes)")
+                h.update(mv[off:off + k])
+                off += k
+        else:
+            bounce = torch.empty(min(chunk, max(n, 1)), dtype=torch.uint8, pin_memory=True)
+            bmv = bounce.numpy().data.cast("B")
+            off = 0
+            while off < n:
+                k = f.readinto(bmv[:min(chunk, n - off)])
+                if not k:
+                    raise LayoutError(f"{path} shrank while it was read ({off} of {n} bytes)")
+                h.update(bmv[:k])
+                t[off:off + k].copy_(bounce[:k])
+                off += k
+        if f.read(1):
+            raise LayoutError(f"{path} grew while it was read (more than {n} bytes)")
+    return h.hexdigest()
+
+
+def digest_of(t: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for mv in host_chunks(t):
+        h.update(mv)
+    return h.hexdigest()
+
+
+def resolve_devices(setting: str, ranks: int, source_mem_type: str | None = None) -> list[str]:
+    """One device per rank from MX_TRTLLM_DEVICES. `auto`: a publisher uses its GPUs if it has any; a target uses the
+    memory kind its source serves from (part of the fingerprint)."""
+    n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if setting == "auto":
+        want_gpu = n_gpu > 0 if source_mem_type is None else source_mem_type == "VRAM"
+        setting = "cuda" if want_gpu else "cpu"
+    if setting == "cpu":
+        return ["cpu"] * ranks
+    if setting == "cuda":
+        if not n_gpu:
+            raise FilesError("MX_TRTLLM_DEVICES asks for CUDA (or the source serves from GPU memory) but this process "
+                             "sees no CUDA device")
+        return [f"cuda:{r % n_gpu}" for r in range(ranks)]
+    listed = setting.split(",")
+    return [listed[r % len(listed)] for r in range(ranks)]
+
+
+def usable_mem_types(setting: str) -> set[str]:
+    """Source memory kinds a target with this MX_TRTLLM_DEVICES can receive from (the fingerprint has the kind)."""
+    if all(x == "cpu" for x in setting.split(",")):
+        return {"DRAM"}
+    if setting == "auto":
+        return {"DRAM", "VRAM"} if torch.cuda.is_available() and torch.cuda.device_count() else {"DRAM"}
+    return {"VRAM"}
+
+
+# ------------------------------------------------------------------------------------------------ source side
+
+
+class FileSourceAdapter:
+    """EngineAdapter of a publisher rank: the files are read (and hashed) before the hook exists, so the fingerprint
+    carries their digests. `load_from_storage` is then a no-op, unless a receive overwrote the buffers."""
+
+    def __init__(self, root: Path, identity: ModelIdentity, specs: list[FileSpec],
+                 tensors: dict[str, torch.Tensor]) -> None:
+        self._root = root
+        self._identity = identity
+        self._specs = specs
+        self._tensors = tensors
+        self._touched = False
+
+    @classmethod
+    def load(cls, root: Path, model: str, form: str, rank: int, ranks: int, paths: list[str],
+             device: str) -> FileSourceAdapter:
+        specs: list[FileSpec] = []
+        tensors: dict[str, torch.Tensor] = {}
+        for p in paths:
+            f = root / p
+            t = alloc_file_buffer(f.stat().st_size, device)
+            spec = FileSpec(p, t.numel(), read_file_into(f, t))
+            specs.append(spec)
+            tensors[spec.entry_name] = t
+        return cls(root, files_identity(model, form, rank, ranks), specs, tensors)
+
+    @property
+    def specs(self) -> list[FileSpec]:
+        return self._specs
+
+    def identity(self) -> ModelIdentity:
+        return self._identity
+
+    def discover_tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self._tensors)
+
+    def prepare_target(self) -> None:
+        """Another publisher of the same files is live: the sidecar overwrites ours with its (equal) bytes."""
+        self._touched = True
+
+    def load_from_storage(self) -> None:
+        if not self._touched:
+            return  # read and hashed at construction
+        for s in self._specs:
+            got = read_file_into(self._root / s.path, self._tensors[s.entry_name])
+            if got != s.sha256:
+                raise LayoutError(f"{self._root / s.path} changed on disk since it was published")
+        self._touched = False
+
+    def after_receive(self) -> None:
+        for s in self._specs:
+            got = digest_of(self._tensors[s.entry_name])
+            if got != s.sha256:
+                raise TransferFailed(f"{s.path}: received SHA-256 {got} != {s.sha256}")
+        self._touched = False
+
+    def reset_for_retry(self) -> None:
+        self._touched = True
+
+
+class FilePublisher:
+    """Serves a directory's files, rank by rank, through the hook protocol and the sidecar beside this process.
+
+    `initialize()` reads every file into memory (one thread per rank), starts one RankHook per rank and returns when
+    the sidecar has given every rank its verdict; the files are then served until `shutdown()`.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], model_name: str, form: str, plan: list[list[str]],
+                 devices: list[str], config: Config | None = None) -> None:
+        self.root = Path(root)
+        self.model_name = model_name
+        self.form = form
+        self.plan = plan
+        self.devices = devices
+        self.cfg = config or Config.from_env()
+        self.adapters: list[FileSourceAdapter] = []
+        self.hooks: list[RankHook] = []
+        self.outcomes: list[Outcome] = []
+        self.load_s = 0.0
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.size for a in self.adapters for s in a.specs)
+
+    def load_files(self) -> None:
+        t0 = time.monotonic()
+        n = len(self.plan)
+
+        def one(rank: int) -> FileSourceAdapter:
+            log.info("Loading rank %d files from %s onto %s", rank, self.root, self.devices[rank])
+            if self.devices[rank].startswith("cuda"):
+                torch.cuda.set_device(self.devices[rank])
+            a = FileSourceAdapter.load(self.root, self.model_name, self.form, rank, n, self.plan[rank],
+                                       self.devices[rank])
+            log.info("Rank %d: %d files, %.2f GB", rank, len(a.specs), sum(s.size for s in a.specs) / 1e9)
+            return a
+
+        with ThreadPoolExecutor(n, thread_name_prefix="mx-files-load") as pool:
+            self.adapters = list(pool.map(one, range(n)))
+        self.load_s = time.monotonic() - t0
+        log.info("Total: %.2f GB across %d ranks, read and hashed in %.2fs", self.total_bytes / 1e9, n, self.load_s)
+
+    def initialize(self, sidecar_timeout: float | None = None) -> list[Outcome]:
+        if not self.adapters:
+            self.load_files()
+        self.hooks = [RankHook(a, config=self.cfg) for a in self.adapters]
+        self.outcomes = _run_hooks(self.hooks, self.devices, sidecar_timeout)
+        if any(o == "loaded_without_sidecar" for o in self.outcomes):
+            log.warning("no sidecar answered: the files are held but nobody serves them (start `mx-sidecar run` with "
+                        "the same MX_ZMQ_ADDRESS)")
+        return self.outcomes
+
+    def shutdown(self) -> None:
+        for h in self.hooks:
+            h.close()
+        self.hooks = []
+        self.adapters = []
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _run_hooks(hooks: list[RankHook], devices: list[str], sidecar_timeout: float | None) -> list[Outcome]:
+    """Block every rank until its verdict, one engine thread per rank (adapter calls run on it)."""
+    outcomes: list[Outcome | None] = [None] * len(hooks)
+    errors: list[BaseException | None] = [None] * len(hooks)
+
+    def run(rank: int) -> None:
+        try:
+            if devices[rank].startswith("cuda"):
+                torch.cuda.set_device(devices[rank])
+            outcomes[rank] = hooks[rank].run_until_ready(sidecar_timeout)
+        except BaseException as e:
+            errors[rank] = e
+
+    threads = [threading.Thread(target=run, args=(r,), name=f"mx-files-rank{r}") for r in range(len(hooks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    failed = [e for e in errors if e is not None]
+    if failed:
+        raise failed[0]
+    return [o for o in outcomes if o is not None]
+
+
+# ------------------------------------------------------------------------------------------------ records
+
+
+async def read_source_records(coord: Coordinator, model: str) -> list[SourceRecord]:
+    """Every live source record announcing `model`. The one place a files target reads records: when records are
+    signed (MX_AUTH_KEY_FILE), this is where the verified reader goes."""
+    return [c.record for c in await coord.sources_of_model(model)]
+
+
+def layouts_of(records: list[SourceRecord], model: str) -> list[SourceLayout]:
+    """File-level layouts among the records, one per fingerprint, counting the live sources of each."""
+    found: dict[str, SourceLayout] = {}
+    counts: dict[str, int] = {}
+    for rec in records:
+        try:
+            lay = layout_from_record(rec, model)
+        except LayoutError as e:
+            log.warning("ignoring source %s of %s: %s", rec.replica, model, e)
+            continue
+        if lay is None:
+            log.debug("source %s announces %s but is not a file-level publication of it", rec.replica, model)
+            continue
+        found.setdefault(lay.fingerprint, lay)
+        counts[lay.fingerprint] = counts.get(lay.fingerprint, 0) + 1
+    out = [SourceLayout(x.model, x.form, x.fingerprint, x.mem_type, x.ranks, counts[fp]) for fp, x in found.items()]
+    out.sort(key=lambda x: (-x.replicas, x.fingerprint))
+    return out
+
+
+def wait_for_source(cfg: Config, model: str, timeout: float, mem_types: set[str]) -> SourceLayout:
+    """Poll Redis until a file-level source of `model` that this process can receive from is live."""
+    return asyncio.run(_wait_for_source(cfg, model, timeout, mem_types))
+
+
+async def _wait_for_source(cfg: Config, model: str, timeout: float, mem_types: set[str]) -> SourceLayout:
+    from sidecar.auth import Keyring
+    from sidecar.redis_client import connect
+
+    # With MX_AUTH_KEY_FILE the layout (sizes, per-file SHA-256) comes only from records sealed with the key.
+    coord = Coordinator(connect(cfg), cfg.redis_prefix, f"files-reader-{os.getpid()}", cfg.node_name,
+                        cfg.source_ttl, cfg.max_message_bytes, cfg.max_metadata_bytes,
+                        Keyring.from_file(cfg.auth_key_file))
+    log.info("Querying for source model: %s", model)
+    t0 = time.monotonic()
+    next_note = t0 + 10
+    unusable: set[str] = set()
+    redis_error = ""
+    try:
+        while True:
+            try:
+                layouts = layouts_of(await read_source_records(coord, model), model)
+                redis_error = ""
+            except CoordinatorUnavailable as e:
+                layouts = []
+                if not redis_error:
+                    log.warning("cannot read sources from Redis (%s); retrying", e)
+                redis_error = str(e)
+            usable = [x for x in layouts if x.mem_type in mem_types]
+            unusable.update(x.mem_type for x in layouts if x.mem_type not in mem_types)
+            if usable:
+                lay = usable[0]
+                if len(usable) > 1:
+                    log.warning("%d different file sets are published as %s; taking the one with the most live "
+                                "sources (%s, %d)", len(usable), model, lay.fingerprint[:12], lay.replicas)
+                log.info("Found source with %d workers (%s, %d files, %.2f GB, %s memory)", len(lay.ranks),
+                         lay.form, lay.files, lay.total_bytes / 1e9, "GPU" if lay.mem_type == "VRAM" else "host")
+                return lay
+            now = time.monotonic()
+            if now - t0 >= timeout:
+                why = ""
+                if unusable:
+                    why = (f" (a source serves it from {'GPU' if 'VRAM' in unusable else 'host'} memory, which this "
+                           f"loader cannot receive into with MX_TRTLLM_DEVICES={cfg.trtllm_devices})")
+                elif redis_error:
+                    why = f" (Redis: {redis_error})"
+                raise SourceNotFound(f"Source not found for {model} after {timeout:.0f}s{why}")
+            if now >= next_note:
+                log.info("Source not ready, waiting... (%ds / %ds)", now - t0, timeout)
+                next_note = now + 10
+            await asyncio.sleep(min(cfg.poll_interval * 4, max(timeout - (now - t0), 0.01)))
+    finally:
+        await coord.close()
+
+
+# ------------------------------------------------------------------------------------------------ target side
+
+
+class FileTargetAdapter:
+    """EngineAdapter of a target rank: buffers sized from the source's record. After the receive (the sidecar has
+    checked its own checksums), every file is hashed and written to the staging folder in one pass; a SHA-256 that
+    differs from the source's fails the rank, and nothing reaches the destination."""
+
+    def __init__(self, model: str, form: str, rank: int, ranks: int, specs: tuple[FileSpec, ...], device: str,
+                 staging: Path, waited_from: float) -> None:
+        self.rank = rank
+        self.model = model
+        self.specs = specs
+        self.staging = staging
+        self._identity = files_identity(model, form, rank, ranks)
+        self._tensors = {s.entry_name: alloc_file_buffer(s.size, device) for s in specs}
+        self._waited_from = waited_from
+        self.t_prepare: float | None = None
+        self.t_received: float | None = None
+        self.t_written: float | None = None
+        self.error: FilesError | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.size for s in self.specs)
+
+    def identity(self) -> ModelIdentity:
+        return self._identity
+
+    def discover_tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self._tensors)
+
+    def prepare_target(self) -> None:
+        self.t_prepare = time.monotonic()
+
+    def load_from_storage(self) -> None:
+        if self.t_prepare is not None:
+            self.error = TransferFailed(
+                f"transfer failed: no source delivered verified bytes of {self.model} (see the sidecar's log: "
+                "source_failed / verify_failed / refused_layout); nothing was written")
+        else:
+            self.error = SourceNotFound(
+                f"Source not found for {self.model} after {time.monotonic() - self._waited_from:.0f}s (the sidecar "
+                "found no live source, or none answered this loader: a files target has no storage to load from)")
+        raise self.error
+
+    def after_receive(self) -> None:
+        self.t_received = time.monotonic()
+        for s in self.specs:
+            dest = self.staging / s.path
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            h = hashlib.sha256()
+            with open(dest, "wb") as f:
+                for mv in host_chunks(self._tensors[s.entry_name]):
+                    h.update(mv)
+                    f.write(mv)
+            if h.hexdigest() != s.sha256:
+                self.error = TransferFailed(
+                    f"transfer failed: rank {self.rank} {s.path}: SHA-256 {h.hexdigest()} != the source's {s.sha256}; "
+                    "nothing was written")
+                raise self.error
+        self.t_written = time.monotonic()
+        log.info("rank %d: SHA-256 of %d files match the source's; staged %.2f GB in %.2fs", self.rank,
+                 len(self.specs), self.nbytes / 1e9, self.t_written - self.t_received)
+
+    def reset_for_retry(self) -> None:
+        """Nothing reached the staging folder before the verdict; the next attempt overwrites every buffer."""
+
+
+@dataclass
+class RankStats:
+    rank: int
+    files: int
+    bytes: int
+    receive_s: float  # prepare_target -> all bytes landed and the sidecar verified its checksums
+    hash_write_s: float
+
+
+@dataclass
+class ReceiveResult:
+    path: str
+    model: str
+    form: str
+    files: int
+    bytes: int
+    query_s: float
+    receive_s: float
+    hash_write_s: float
+    total_s: float
+    ranks: list[RankStats] = field(default_factory=list)
+    devices: list[str] = field(default_factory=list)
+
+    @property
+    def gbps(self) -> float:
+        """Transfer rate in GB/s (1e9 B) over the receive window."""
+        return self.bytes / 1e9 / max(self.receive_s, 1e-9)
+
+
+class FileReceiver:
+    """Rebuilds a live publisher's files in `dest`, byte for byte, through the sidecar beside this process."""
+
+    def __init__(self, model_name: str, dest: str | os.PathLike[str], config: Config | None = None,
+                 devices: str | None = None, source_timeout: float | None = None) -> None:
+        self.cfg = config or Config.from_env()
+        self.model_name = model_name
+        self.dest = Path(dest)
+        self.devices_setting = devices or self.cfg.trtllm_devices
+        self.source_timeout = source_timeout or self.cfg.trtllm_source_timeout
+        self.layout: SourceLayout | None = None
+        self.adapters: list[FileTargetAdapter] = []
+        self.hooks: list[RankHook] = []
+        self.result: ReceiveResult | None = None
+
+    def receive(self, sidecar_timeout: float | None = None) -> ReceiveResult:
+        t0 = time.monotonic()
+        lay = self.layout = wait_for_source(self.cfg, self.model_name, self.source_timeout,
+                                            usable_mem_types(self.devices_setting))
+        t_found = time.monotonic()
+        devices = resolve_devices(self.devices_setting, len(lay.ranks), lay.mem_type)
+        self.dest.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.dest).free
+        if free < lay.total_bytes:
+            raise FilesError(f"{self.dest} has {free / 1e9:.2f} GB free, the files of {self.model_name} need "
+                             f"{lay.total_bytes / 1e9:.2f} GB")
+        staging = self.dest / f"{STAGING_PREFIX}{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            for r, specs in enumerate(lay.ranks):
+                if devices[r].startswith("cuda"):
+                    torch.cuda.set_device(devices[r])
+                self.adapters.append(FileTargetAdapter(self.model_name, lay.form, r, len(lay.ranks), specs,
+                                                       devices[r], staging, t0))
+                log.info("Receiving rank %d: %d tensors", r, len(specs))
+            self.hooks = [RankHook(a, config=self.cfg) for a in self.adapters]
+            try:
+                outcomes = _run_hooks(self.hooks, devices, sidecar_timeout)
+            except BaseException as e:
+                err = self._failure(e)
+                self.shutdown()
+                raise err from e
+            if any(o != "received" for o in outcomes):  # cannot happen: a files target has no other way to be ready
+                raise TransferFailed(f"ranks ended {outcomes}, not received")
+            self._log_rates()
+            self._move_into_place(staging)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        t_end = time.monotonic()
+        starts = [a.t_prepare or t_found for a in self.adapters]
+        landed = [a.t_received or t_end for a in self.adapters]
+        written = [a.t_written or t_end for a in self.adapters]
+        self.result = ReceiveResult(
+            str(self.dest), self.model_name, lay.form, lay.files, lay.total_bytes, t_found - t0,
+            max(landed) - min(starts), max(written) - max(landed), t_end - t0,
+            [RankStats(a.rank, len(a.specs), a.nbytes, (a.t_received or t_end) - (a.t_prepare or t_found),
+                       (a.t_written or t_end) - (a.t_received or t_end)) for a in self.adapters], devices)
+        log.info("Verified SHA-256 of %d files (%.2f GB) and wrote them to %s", lay.files, lay.total_bytes / 1e9,
+                 self.dest)
+        return self.result
+
+    def _failure(self, e: BaseException) -> FilesError:
+        errors = [a.error for a in self.adapters if a.error is not None]
+        for err in errors:
+            if isinstance(err, TransferFailed):
+                return err
+        return errors[0] if errors else TransferFailed(f"transfer failed: {e}; nothing was written")
+
+    def _log_rates(self) -> None:
+        first = min(a.t_prepare or 0.0 for a in self.adapters)
+        last = max(a.t_received or 0.0 for a in self.adapters)
+        total = 0
+        for a in self.adapters:
+            dt = max((a.t_received or 0.0) - (a.t_prepare or 0.0), 1e-9)
+            total += a.nbytes
+            log.info("Rank %d: Received %.2f GB in %.2fs (%.1f Gbps)", a.rank, a.nbytes / 1e9, dt,
+                     a.nbytes * 8 / dt / 1e9)
+        dt = max(last - first, 1e-9)
+        log.info("Transfer complete: %.2f GB total in %.2fs (%.1f Gbps)", total / 1e9, dt, total * 8 / dt / 1e9)
+
+    def _move_into_place(self, staging: Path) -> None:
+        root = self.dest.resolve()
+        published = {s.path for a in self.adapters for s in a.specs}
+        for a in self.adapters:
+            for s in a.specs:
+                dest = self.dest / s.path
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                parent = dest.parent.resolve()
+                if parent != root and root not in parent.parents:  # a symlinked directory inside dest
+                    raise FilesError(f"{dest} would land outside {root} (through a symlink); nothing more is written")
+                os.replace(staging / s.path, dest)
+        others = [p.relative_to(self.dest).as_posix() for p in self.dest.rglob("*")
+                  if p.is_file() and p.relative_to(self.dest).as_posix() not in published
+                  and not p.relative_to(self.dest).as_posix().startswith(STAGING_PREFIX)]
+        if others:
+            log.warning("%s also holds %d files the source did not publish (e.g. %s); they are left as they are",
+                        self.dest, len(others), sorted(others)[0])
+
+    def shutdown(self) -> None:
+        """Stop serving the received files (the hooks close; the sidecar withdraws once it notices)."""
+        for h in self.hooks:
+            h.close()
+        self.hooks = []
+        self.adapters = []
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
