@@ -113,8 +113,9 @@ async def read_fleet(r: Any, prefix: str, model: str | None = None, max_record_b
         sources.append(Source(
             model=rec.model, fingerprint=fp, replica=rid, node=rec.node, ranks=len(rec.ranks),
             mode=",".join(sorted({x.mode for x in rec.ranks})) or "-", readers=int(readers or 0),
-            age_s=now - rec.published_at if rec.published_at else None,
-            heartbeat_s=now - beat[0] if beat else None, live=bool(beat and now - beat[0] <= beat[1]),
+            # max(0, ...): a beat written after this pass began is 0 s old, not negative
+            age_s=max(0.0, now - rec.published_at) if rec.published_at else None,
+            heartbeat_s=max(0.0, now - beat[0]) if beat else None, live=bool(beat and now - beat[0] <= beat[1]),
             authenticated=auth))
     leases: list[Lease] = []
     async for key in r.scan_iter(match=f"{prefix}:*:seed", count=500):

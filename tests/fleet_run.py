@@ -6,6 +6,8 @@ Shared by tests/test_monitoring.py and tests/dashboard_png.py. Each replica is a
   toy-a  a: loads from storage and serves;  b: receives from a over NIXL          (transfers, throughput)
   toy-b  d: serves, then its sidecar is SIGKILLed;  e: tries d, falls back to storage   (MxFellBackToStorage)
   toy-c  f: its Redis is unreachable: loads alone, never published    (MxRedisErrors, MxNoLiveSource)
+  toy-d  g: serves with deployment key A;  h: has key B, refuses g's record, loads from storage   (MxAuthFailures)
+  toy-a/b/c run without a key                                          (MxUnauthenticatedRecords)
 
 The two threshold records are lowered (THRESHOLDS) so that MxSlowLink and MxTimeToReadySLO fire on a 2-core CPU
 run; the alert expressions themselves are the shipped ones.
@@ -27,7 +29,8 @@ from tests.prom import Prometheus, rule_groups
 from tests.tooling import tool
 
 # What the run makes Prometheus raise (the live tests check each, with the model that caused it).
-EXPECTED_ALERTS = {"MxFellBackToStorage", "MxNoLiveSource", "MxSlowLink", "MxRedisErrors", "MxTimeToReadySLO"}
+EXPECTED_ALERTS = {"MxFellBackToStorage", "MxNoLiveSource", "MxSlowLink", "MxRedisErrors", "MxTimeToReadySLO",
+                   "MxUnauthenticatedRecords", "MxAuthFailures"}
 THRESHOLDS = {"mx:slo_time_to_ready_seconds": "vector(0.001)", "mx:slow_link_bytes_per_second": "vector(1e15)"}
 FAST_ENV = {"MX_HEARTBEAT_INTERVAL": "0.5", "MX_SOURCE_TTL": "3", "MX_SEED_LEASE_TTL": "3", "MX_POLL_INTERVAL": "0.1",
             "MX_STALL_TIMEOUT": "5", "MX_LOG_LEVEL": "info"}
@@ -70,14 +73,23 @@ def fleet(work: Path, hold_s: float = 2.0) -> Iterator[FleetRun]:
     redis = EmbeddedRedis().start()
     prom = Prometheus(tool("prometheus"), work / "prom", rule_groups(THRESHOLDS))
     run = FleetRun(prom, redis, t_start=time.time())
+    keys = {}
+    for name in ("A", "B"):
+        keys[name] = work / f"key-{name}"
+        keys[name].write_text(name * 48)
+        keys[name].chmod(0o600)
     try:
         a = run.start("a", "toy-a", work, ckpt)
         d = run.start("d", "toy-b", work, ckpt, MX_SOURCE_TTL="30", MX_HEARTBEAT_INTERVAL="5")
         f = run.start("f", "toy-c", work, ckpt, MX_REDIS_URL=f"unix://{work}/no-redis-here.sock")
-        for rep in (a, d, f):
+        g = run.start("g", "toy-d", work, ckpt, MX_AUTH_KEY_FILE=str(keys["A"]))
+        for rep in (a, d, f, g):
             run.scrape(rep)
         a.wait_serving()
         d.wait_serving()
+        g.wait_serving()
+        h = run.start("h", "toy-d", work, ckpt, MX_AUTH_KEY_FILE=str(keys["B"]))
+        run.scrape(h)
         f.sidecar.wait_for(r"Redis unavailable", 60)  # type: ignore[union-attr]
         time.sleep(1.5)  # one scrape of d as a live source before it dies
         d.sidecar.signal(signal.SIGKILL)  # type: ignore[union-attr]
@@ -90,12 +102,17 @@ def fleet(work: Path, hold_s: float = 2.0) -> Iterator[FleetRun]:
         e.sidecar.wait_for(r"no source delivered; falling back to storage", 60)  # type: ignore[union-attr]
         e.wait_serving()
         f.engine_results()
+        h.wait_serving()
         run.settle()
         time.sleep(hold_s)
         run.t_end = time.time()
         yield run
     finally:
-        for rep in reversed(list(run.replicas.values())):
+        for rep in run.replicas.values():  # all at once: each withdraws and exits in parallel
+            if rep.sidecar is not None:
+                rep.sidecar.signal(signal.SIGTERM)
+            rep.engine.signal(signal.SIGTERM)
+        for rep in run.replicas.values():
             rep.stop()
         prom.stop()
         redis.stop()

@@ -10,8 +10,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import json
+import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,10 +24,13 @@ import pytest
 import redis
 import yaml
 
-from sidecar.config import SETTINGS
+from sidecar.auth import Keyring
+from sidecar.config import SETTINGS, Config
 from sidecar.coordinator import Coordinator
 from sidecar.embedded_redis import server_binary
+from sidecar.fleet import read_fleet
 from sidecar.protocol import PROTOCOL_VERSION, SourceRecord
+from sidecar.redis_client import connect
 from tests.tooling import (
     COMPONENTS,
     DEPLOY,
@@ -42,7 +48,8 @@ from tests.tooling import (
 # Settings the lead's security work adds to sidecar/config.py (reserved names, HELPERS-COMMON.md).
 RESERVED_SETTINGS = {"MX_AUTH_KEY_FILE", "MX_REDIS_USERNAME", "MX_REDIS_PASSWORD_FILE", "MX_REDIS_TLS_CA_FILE",
                      "MX_REDIS_TLS_CERT_FILE", "MX_REDIS_TLS_KEY_FILE", "MX_ALLOW_TCP_HOOK"}
-VARIANTS = [(o, ()) for o in OVERLAYS] + [("vllm", ("rdma",)), ("vllm", ("redis-tls",)), ("trtllm", COMPONENTS)]
+VARIANTS = [(o, ()) for o in OVERLAYS] + [("vllm", ("rdma",)), ("vllm", ("redis-tls",)), ("trtllm", COMPONENTS),
+                                          ("example", ())]
 
 
 def _ids(v: tuple[str, tuple[str, ...]]) -> str:
@@ -56,7 +63,10 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, 
     base = tmp_path_factory.mktemp("render")
     for overlay, comps in VARIANTS:
         vid = _ids((overlay, comps))
-        src = DEPLOY / "overlays" / overlay if not comps else compose(base / f"k-{vid}", overlay, comps)
+        if overlay == "example":  # README's user kustomization
+            src = DEPLOY / "examples" / "my-llm"
+        else:
+            src = DEPLOY / "overlays" / overlay if not comps else compose(base / f"k-{vid}", overlay, comps)
         text = kustomize(src)
         path = base / f"{vid}.yaml"
         path.write_text(text)
@@ -124,6 +134,17 @@ def test_strict_validation_rejects_an_unknown_field_and_a_native_sidecar_on_1_27
     assert res.returncode != 0 and "restartPolicy" in res.stdout + res.stderr
 
 
+@pytest.mark.parametrize("k8s", ["1.30.0", "1.33.0"])
+def test_the_plain_trtllm_examples_validate_strictly_and_carry_the_peer_label(k8s):
+    files = sorted((DEPLOY / "examples" / "trtllm").glob("*.yaml"))
+    assert len(files) == 3
+    res = run([venv_tool("kubernetes-validate"), "--strict", "-k", k8s, *map(str, files)])
+    assert res.returncode == 0, res.stdout + res.stderr
+    for f in files:
+        pod = find(docs(f.read_text()), "Deployment")["spec"]["template"]
+        assert pod["metadata"]["labels"]["mx-sidecar.io/peer"] == "true", f"{f.name}: NetworkPolicy would block it"
+
+
 # ---------------------------------------------------------------- the pod's contract
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
@@ -152,7 +173,8 @@ def test_sidecar_probes_use_readyz_and_healthz_and_the_startup_probe_never_waits
     assert side["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "mx-metrics"}
     # A native sidecar's startup probe gates the engine's start; /readyz needs the engine: it would deadlock.
     assert side["startupProbe"]["httpGet"]["path"] == "/healthz"
-    assert _engine(objs)["readinessProbe"]["httpGet"]["path"] == "/health"
+    if variant[0] != "trtllm":  # the TRT-LLM publisher serves files, no HTTP: the sidecar's /readyz is the pod's
+        assert _engine(objs)["readinessProbe"]["httpGet"]["path"] == "/health"
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
@@ -167,6 +189,7 @@ def test_the_sidecar_requests_no_gpu_and_sees_the_engines_gpus_through_the_nvidi
     env = _env(objs, side)
     assert env["NVIDIA_VISIBLE_DEVICES"] == "all" and "compute" in env["NVIDIA_DRIVER_CAPABILITIES"]
     assert int(eng["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+    assert eng["image"] != "engine" and "/" in eng["image"], "every image is resolved to a registry path"
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
@@ -190,7 +213,12 @@ def test_no_secret_is_inline_and_every_secret_file_is_a_mounted_secret(rendered,
     for k, path in files.items():
         assert any(path.startswith(m + "/") for m in mounted), f"{k}={path} is not in a mounted Secret"
     assert set(mounted.values()) >= {"mx-redis-auth", "mx-auth-key"}
-    assert not [m for m in _engine(objs)["volumeMounts"] if m["name"] in secret_vols], "the engine needs no secret"
+    # The hook checks a MAC on every command with the same key; the Redis credentials stay with the sidecar.
+    eng = _engine(objs)
+    eng_secrets = {secret_vols[m["name"]]: m["mountPath"] for m in eng["volumeMounts"] if m["name"] in secret_vols}
+    assert eng_secrets == {"mx-auth-key": _mount(side, "mx-auth-key")}
+    assert _env(objs, eng)["MX_AUTH_KEY_FILE"] == env["MX_AUTH_KEY_FILE"]
+    assert "MX_REDIS_PASSWORD_FILE" not in _env(objs, eng)
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
@@ -226,7 +254,8 @@ def test_network_policies_admit_only_replicas_to_redis_and_to_the_pinned_ucx_por
     assert len(ucx) == 1 and ucx[0]["from"] == [{"podSelector": {"matchLabels": peer}}]
     assert ucx[0]["ports"] == [{"protocol": "TCP", "port": lo, "endPort": hi}]
     open_ports = {p["port"] for r in peers["ingress"] if "from" not in r for p in r["ports"]}
-    assert open_ports == {9400, 8000}, "only metrics/probes and the engine's API are open to all"
+    api = set() if variant[0] == "trtllm" else {8000}  # the TRT-LLM publisher has no API
+    assert open_ports == {9400} | api, "only metrics/probes and the engine's API are open to all"
     red = find(objs, "NetworkPolicy", "mx-redis")["spec"]
     redis_pod = find(objs, "Deployment", "mx-redis")["spec"]["template"]["metadata"]["labels"]
     assert red["podSelector"]["matchLabels"].items() <= redis_pod.items()
@@ -254,6 +283,16 @@ def test_every_mx_setting_in_the_manifests_is_a_known_setting(rendered, variant)
     used = {k for c in (_sidecar(objs), _engine(objs)) for k in _env(objs, c) if k.startswith("MX_")}
     used |= {e["name"] for e in _sidecar(objs)["env"] if e["name"].startswith("MX_")}
     assert used and used <= known, sorted(used - known)
+
+
+def test_the_users_example_sets_namespace_images_and_model_and_keeps_the_contract(rendered):
+    _, objs = rendered["example"]
+    assert {o["metadata"].get("namespace") for o in objs} == {"llm"}
+    assert _sidecar(objs)["image"] == "registry.example.com/mx-sidecar:0.1.0"
+    assert _engine(objs)["image"] == "registry.example.com/vllm-mx:v0.26.0-mx1"
+    assert _env(objs, _sidecar(objs))["MX_MODEL_NAME"] == "qwen2.5-7b"
+    assert find(objs, "Deployment", "llm")["spec"]["replicas"] == 4
+    assert "--load-format" in _engine(objs)["args"] and _engine(objs)["args"][2] == "mx"
 
 
 def test_the_rdma_component_gives_the_rdma_device_and_ipc_lock_to_the_sidecar_only(rendered):
@@ -316,9 +355,10 @@ def test_make_secrets_prints_fresh_random_secrets_of_the_names_the_manifests_mou
     assert a["mx-redis-auth"]["password"] in a["mx-redis-auth"]["users.acl"]
 
 
-def test_the_redis_acl_admits_the_mx_user_to_its_prefix_only_with_the_real_coordinator(tmp_path):
+def test_the_redis_acl_admits_the_sidecar_and_status_through_the_manifests_settings_and_nothing_else(tmp_path):
     sec = _secrets()["mx-redis-auth"]
     (tmp_path / "users.acl").write_text(sec["users.acl"] + "\n")
+    (tmp_path / "password").write_text(sec["password"])
     sock = tmp_path / "r.sock"
     srv = subprocess.Popen([server_binary(), "--port", "0", "--unixsocket", str(sock), "--save", "", "--appendonly",
                             "no", "--dir", str(tmp_path), "--aclfile", str(tmp_path / "users.acl")],
@@ -331,32 +371,35 @@ def test_the_redis_acl_admits_the_mx_user_to_its_prefix_only_with_the_real_coord
         with pytest.raises(redis.exceptions.AuthenticationError):
             anon.set("mx:x", 1)
         mx = redis.Redis(unix_socket_path=str(sock), username="mx", password=sec["password"])
-        with pytest.raises(redis.exceptions.NoPermissionError):
-            mx.set("other:x", 1)
-        with pytest.raises(redis.exceptions.NoPermissionError):
-            mx.flushall()
-        url = f"unix://mx:{sec['password']}@{sock}"
-        asyncio.run(_coordinator_round(url))
+        for forbidden in (lambda: mx.set("other:x", 1), mx.flushall, lambda: mx.config_get("*"), mx.keys):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                forbidden()
+        # The settings the manifests set (mx-sidecar ConfigMap + the mounted Secret file), read by the real code.
+        env = {"MX_REDIS_URL": f"unix://{sock}", "MX_REDIS_USERNAME": "mx",
+               "MX_REDIS_PASSWORD_FILE": str(tmp_path / "password")}
+        asyncio.run(_sidecar_round(Config.from_env(env)))
+        res = subprocess.run([sys.executable, "-m", "sidecar", "status", "--json"], capture_output=True, text=True,
+                             timeout=60, env={**os.environ, **env, "MX_LOG_LEVEL": "warning"})
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout)["unreadable"] == []
     finally:
         srv.terminate()
         srv.wait(5)
 
 
-async def _coordinator_round(url: str) -> None:
-    import redis.asyncio as aioredis
-
-    from sidecar.auth import Keyring
-
-    """Every Redis command the sidecar issues, through the real Coordinator, under the ACL."""
+async def _sidecar_round(cfg: Config) -> None:
+    """Every Redis command the sidecar issues (real Coordinator) and what `status` reads, under the ACL."""
     fp = "f" * 64
-    a = Coordinator(aioredis.Redis.from_url(url), "mx", "node-1-a", "node-1", 5.0, 1 << 20, 1 << 20,
-                    Keyring(b"k" * 32))
-    b = Coordinator(aioredis.Redis.from_url(url), "mx", "node-1-b", "node-1", 5.0, 1 << 20, 1 << 20,
-                    Keyring(b"k" * 32))
+    keys = Keyring(b"k" * 32)
+    a = Coordinator(connect(cfg), "mx", "node-1-a", "node-1", 5.0, 1 << 20, 1 << 20, keys)
+    b = Coordinator(connect(cfg), "mx", "node-1-b", "node-1", 5.0, 1 << 20, 1 << 20, keys)
+    r = connect(cfg)
     try:
         await a.ping()
         assert await a.try_seed(fp, 5.0) and not await b.try_seed(fp, 5.0)
         assert await a.renew_seed(fp, 5.0) and await b.seeder(fp) == "node-1-a"
+        fleet = await read_fleet(r, "mx", keys=keys)
+        assert [le.holder for m in fleet.models for le in m.leases] == ["node-1-a"]
         await a.put_agent("agent-a", b"meta")
         rec = SourceRecord(PROTOCOL_VERSION, "node-1-a", "node-1", "m", fp, [])
         await a.publish(rec, ["agent-a"])
@@ -366,12 +409,14 @@ async def _coordinator_round(url: str) -> None:
         assert [c.record.replica for c in cands] == ["node-1-a"]
         assert await b.get_agent("agent-a") == b"meta"
         await b.reader_delta(fp, "node-1-a", +1)
+        fleet = await read_fleet(r, "mx", keys=keys)
+        assert [(s.replica, s.readers, s.authenticated) for s in fleet.models[0].sources] == [("node-1-a", 1, "yes")]
         await a.withdraw(fp, ["agent-a"])
         assert await b.live_sources(fp) == []
     finally:
         await a.close()
         await b.close()
-
+        await r.aclose()
 
 
 # ---------------------------------------------------------------- the ports NetworkPolicy names are the real ones

@@ -40,13 +40,11 @@ def _replica_id(rep) -> str:  # type: ignore[no-untyped-def]
 def test_status_lists_each_models_live_sources_with_node_ranks_mode_readers_age_and_heartbeat(replicas,
                                                                                               redis_server):
     a = replicas("a")
-    a.engine_results()
+    c = replicas("c", model_id="other-model", extra_env={"MX_SOURCE_MODE": "staged", "MX_STAGING_SLOT_BYTES": "1MiB"})
     a.wait_serving()
     b = replicas("b")
     assert b.engine_results()[0]["outcome"] == "received"
     b.wait_serving()
-    c = replicas("c", model_id="other-model", extra_env={"MX_SOURCE_MODE": "staged", "MX_STAGING_SLOT_BYTES": "1MiB"})
-    c.engine_results()
     c.wait_serving()
     models = _models(_fleet(redis_server.url))
     assert set(models) == {"toy-llama", "other-model"}

@@ -20,12 +20,7 @@ from tests.prom import NAMESPACE, rule_groups
 from tests.tooling import DEPLOY, ROOT, run, tool
 
 DASHBOARD = DEPLOY / "monitoring" / "dashboards" / "mx-sidecar.json"
-# Metrics the lead's security work adds (reserved names, HELPERS-COMMON.md). Until a sidecar exports them, the
-# alerts built on them are checked by promtool's unit tests only; once exported, the live checks apply.
-PENDING_METRICS = {"mx_records_authenticated", "mx_auth_failures_total"}
-# Alerts whose cause the fleet run cannot produce without an attack: covered by tests/rules_test.yaml.
-NEEDS_AN_ATTACK = {"MxAuthFailures"}
-LABELS = {"model", "rank", "role", "result", "phase", "kind", "decision", "op", "channel", "reason", "le"}
+LABELS = {"model", "rank", "role", "result", "phase", "kind", "decision", "op", "channel", "reason", "task", "le"}
 
 
 @pytest.fixture(scope="module")
@@ -57,15 +52,11 @@ def _exported(fleet_run: FleetRun) -> str:
     return "\n".join(texts)
 
 
-def _metric_names(expr: str) -> set[str]:
-    return set(re.findall(r"\b(mx_[a-z_]+)", expr))
-
-
 def test_the_fleet_run_reached_its_states(fleet_run):
     up = fleet_run.prom.scraped_up()
-    assert up == {"a": 1, "b": 1, "d": 0, "e": 1, "f": 1}, up  # d's sidecar was killed on purpose
-    outcome = {n: fleet_run.replicas[n].engine_results()[0]["outcome"] for n in "abef"}
-    assert outcome == {"a": "loaded", "b": "received", "e": "loaded", "f": "loaded"}
+    assert up == {"a": 1, "b": 1, "d": 0, "e": 1, "f": 1, "g": 1, "h": 1}, up  # d's sidecar was killed on purpose
+    outcome = {n: fleet_run.replicas[n].engine_results()[0]["outcome"] for n in "abefgh"}
+    assert outcome == {"a": "loaded", "b": "received", "e": "loaded", "f": "loaded", "g": "loaded", "h": "loaded"}
 
 
 @pytest.mark.parametrize("title,expr", _panel_exprs(), ids=[t for t, _ in _panel_exprs()])
@@ -88,15 +79,6 @@ def test_the_dashboard_variables_list_the_runs_namespace_and_models(fleet_run):
 @pytest.mark.parametrize("rule", _alert_rules(), ids=[r["alert"] for r in _alert_rules()])
 def test_every_alert_expression_returns_data_on_the_run_and_prometheus_raises_it(fleet_run, rule):
     name, expr = rule["alert"], rule["expr"]
-    pending = _metric_names(expr) & PENDING_METRICS
-    exported = _exported(fleet_run)
-    if pending:
-        missing = {m for m in pending if not re.search(rf"^{m}(\{{| )", exported, re.M)}
-        if missing:
-            assert name in {"MxUnauthenticatedRecords", "MxAuthFailures"}
-            pytest.skip(f"{sorted(missing)} not exported yet (security work); covered by promtool test rules")
-    if name in NEEDS_AN_ATTACK:
-        pytest.skip("needs forged input to fire; covered by promtool test rules")
     res = fleet_run.prom.query(expr)
     assert res, f"{name}: no data for {expr}"
     held = {a["labels"]["alertname"]: a["state"] for a in fleet_run.prom.alerts()}
@@ -112,12 +94,14 @@ def test_each_alert_fires_for_the_model_that_caused_it(fleet_run):
     assert held["MxNoLiveSource"] == {"toy-c"}
     assert held["MxSlowLink"] == {"toy-a"}  # b is the only replica that received over NIXL
     assert "toy-a" in held["MxTimeToReadySLO"]
+    assert held["MxUnauthenticatedRecords"] == {"toy-a", "toy-b", "toy-c"}  # toy-d runs with keys
+    assert held["MxAuthFailures"] == {"toy-d"}  # h (key B) refused g's record (key A)
 
 
 def test_every_recording_rule_returns_data(fleet_run):
     for g in rule_groups()["groups"]:
         for r in g["rules"]:
-            if "record" in r and not _metric_names(r["expr"]) & PENDING_METRICS:
+            if "record" in r:
                 assert fleet_run.prom.query(r["record"]), r["record"]
 
 
@@ -131,7 +115,7 @@ def test_promtool_finds_no_problem_in_any_sidecars_metrics(fleet_run, tmp_path):
         res = run([tool("promtool"), "check", "metrics"], input=text)
         assert res.returncode == 0 and not res.stdout.strip() and not res.stderr.strip(), (rep.name, res)
         checked += 1
-    assert checked == 4
+    assert checked == 6
 
 
 def test_metric_labels_stay_bounded(fleet_run):
