@@ -108,6 +108,8 @@ class Publisher:
         if self._mode(rm) == "staged":
             assert rm.ring is not None
             self.metrics.registered_bytes.labels(self.engine.model, "staging").inc(rm.ring.nbytes)
+            rm.unregister_engine()
+            self.metrics.registered_bytes.labels(self.engine.model, "engine").set(0)
         else:
             rm.drop_ring(reg)
 

@@ -26,12 +26,24 @@ class RankMemory:
     import_s: float = 0.0
     register_s: float = 0.0
     registrations: list[Registration] = field(default_factory=list)
+    engine_reg: Registration | None = None
 
     def register(self, transport: Transport) -> None:
         self.transport = transport
         reg = transport.register(self.regions)
         self.registrations.append(reg)
+        self.engine_reg = reg
         self.register_s = reg.seconds
+
+    def unregister_engine(self) -> None:
+        """A staged source serves from its ring only: engine memory leaves NIXL (and the published metadata, whose
+        holder could otherwise WRITE it: docs/SECURITY-NIXL.md)."""
+        reg = self.engine_reg
+        if reg is None or self.transport is None:
+            return
+        self.transport.deregister(reg)
+        self.registrations.remove(reg)
+        self.engine_reg = None
 
     def add_ring(self, ring: StagingRing) -> Registration:
         assert self.transport is not None

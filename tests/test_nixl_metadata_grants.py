@@ -75,10 +75,10 @@ def _registered_sections(md: bytes) -> list[tuple[int, int]]:
 
 
 @pytest.mark.parametrize("mode", ["direct", "staged"])
-def test_a_redis_reader_overwrites_a_serving_sources_engine_memory_in_either_source_mode(replicas, redis_server,
-                                                                                         mode):
-    """Direct mode advertises engine addresses; staged mode does not, but the daemon registers engine memory in
-    both modes and publishes its full agent metadata, which lists every registered section."""
+def test_a_metadata_holder_overwrites_a_direct_sources_engine_memory_but_a_staged_source_exposes_only_its_ring(
+        replicas, redis_server, mode):
+    """Direct mode registers engine memory and its metadata lists every section: a holder can overwrite it.
+    A staged source deregisters engine memory once its ring serves: its metadata lists the ring's slots only."""
     import re
 
     import numpy as np
@@ -100,8 +100,13 @@ def test_a_redis_reader_overwrites_a_serving_sources_engine_memory_in_either_sou
     md = decode_sealed(r.get(f"mx:agent:{agent}")).body
     slots = {tuple(s) for rank in rec.ranks for s in rank.slots}
     engine = [s for s in _registered_sections(md) if s not in slots]
-    assert len(engine) == handles, "every engine region is listed in the metadata Redis holds"
     assert all(rank.mode == mode for rank in rec.ranks)
+    if mode == "staged":
+        assert engine == [] and slots, "a staged source exposes its ring, never engine memory"
+        b = replicas("b", extra_env=env)
+        assert b.engine_results()[0]["digests"] == res_a[0]["digests"]
+        return
+    assert len(engine) == handles, "every engine region is listed in the metadata Redis holds"
     addr, nbytes = max(engine, key=lambda s: s[1])
     intruder = Transport("intruder", "DRAM", 0)
     try:
