@@ -84,13 +84,15 @@ class Daemon:
         stopper = loop.create_task(self.stop.wait())
         try:
             await asyncio.wait({life, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            if life.done():
-                life.result()
-            else:
+            if not life.done():
                 self.log.info("stop requested")
-                life.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await life
+                # Cancel until it sticks: Python 3.11's wait_for can lose a cancellation that races the inner
+                # future's completion (seen: a SIGTERM between release and publish, and the sidecar served on).
+                while not life.done():
+                    life.cancel()
+                    await asyncio.wait({life}, timeout=1.0)
+            if not life.cancelled():
+                life.result()
         except FenceError as e:
             self.metrics.fence_failures.labels(self.engine.model).inc()
             self.log.error("%s: exiting WITHOUT a verdict; the engine stays blocked until a new sidecar takes over "
