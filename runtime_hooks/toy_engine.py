@@ -88,9 +88,21 @@ def rank_tensors(cfg: dict[str, int], tp: int, rank: int, dtype: torch.dtype,
 
 
 class ToyAdapter(TorchModuleAdapter):
-    """Derived buffers are recomputed, not read: they are not in the checkpoint."""
+    """Derived buffers are recomputed, not read: they are not in the checkpoint.
+
+    `prepare_delay` stands in for a large model's slow dummy init + post-processing; `prepared` counts how often
+    post-processing ran (vLLM's is not idempotent: it must run once per engine life)."""
+
+    prepare_delay = 0.0
+    load_delay = 0.0
+    prepared = 0
+
+    def prepare_target(self) -> None:
+        time.sleep(self.prepare_delay)
+        self.prepared += 1
 
     def load_from_storage(self) -> None:
+        time.sleep(self.load_delay)
         tensors = self.discover_tensors()
         derived = {k: tensors.pop(k) for k in ("model.rotary_emb.inv_freq", "model.empty_scales")}
         TorchModuleAdapter(tensors, self.identity(), self._dir).load_from_storage()
@@ -117,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exit-after-ready", action="store_true")
     p.add_argument("--devices", default="cpu", help="comma-separated device per rank, e.g. cuda:0,cuda:1")
     p.add_argument("--no-digests", action="store_true", help="skip the per-tensor digests (large GPU models)")
+    p.add_argument("--prepare-delay", type=float, default=0.0, help="seconds of (simulated) post-processing")
+    p.add_argument("--load-delay", type=float, default=0.0, help="seconds added to each storage load")
     args = p.parse_args(argv)
     meta = json.loads((Path(args.checkpoint) / "config.json").read_text())
     cfg, dtype_name = meta["mx_toy"], meta["dtype"]
@@ -125,6 +139,23 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     hooks: list[RankHook] = []
+    all_tensors: list[dict[str, torch.Tensor]] = []
+
+    def update_weights(*_: object) -> None:
+        """SIGUSR1: an in-place weight update (RL, LoRA merge): bytes change, the layout does not."""
+        for ts, h in zip(all_tensors, hooks, strict=False):
+            ts["model.norm.weight"].add_(1)
+            h.weights_changed()
+        print(json.dumps({"event": "weights_updated"}), flush=True)
+
+    signal.signal(signal.SIGUSR1, update_weights)
+
+    def recheck(*_: object) -> None:
+        """SIGUSR2: digests of the engine's bytes *now* (a READ landing after the verdict would show here)."""
+        for ts, h in zip(all_tensors, hooks, strict=False):
+            print(json.dumps({"event": "recheck", "rank": h.rank, "digests": digests(ts)}), flush=True)
+
+    signal.signal(signal.SIGUSR2, recheck)
     results: list[dict[str, Any]] = []
     lock = threading.Lock()
     failed = threading.Event()
@@ -137,9 +168,12 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.set_device(device)
         tensors = rank_tensors(cfg, args.tp, rank, dtype, device)
         ident = ModelIdentity(args.model_id, args.revision, dtype_name, rank, args.tp)
-        hook = RankHook(ToyAdapter(tensors, ident, args.checkpoint), args.address)
+        adapter = ToyAdapter(tensors, ident, args.checkpoint)
+        adapter.prepare_delay, adapter.load_delay = args.prepare_delay, args.load_delay
+        hook = RankHook(adapter, args.address)
         with lock:
             hooks.append(hook)
+            all_tensors.append(tensors)
         try:
             outcome = hook.run_until_ready(args.sidecar_timeout)
         except Exception as e:
@@ -149,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         ready_s = round(time.monotonic() - t0, 3)
-        line = {"rank": rank, "outcome": outcome, "digests": {} if args.no_digests else digests(tensors),
+        line = {"rank": rank, "outcome": outcome, "prepared": adapter.prepared,
+                "digests": {} if args.no_digests else digests(tensors),
                 "tensors": len(tensors), "seconds": ready_s,
                 "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
         with lock:

@@ -8,6 +8,7 @@ import sys
 
 from sidecar.config import Config, ConfigError, markdown_table
 from sidecar.logs import setup_logging
+from sidecar.redis_client import redact_url
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,27 +38,40 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(cfg.log_level)
     if args.cmd == "config":
         for k, v in vars(cfg).items():
-            print(f"{k} = {v!r}")
+            print(f"{k} = {redact_url(v) if k == 'redis_url' else v!r}")
         return 0
     if args.cmd == "status":
         from redis.exceptions import RedisError
 
+        from sidecar.redis_client import describe_error
+
         try:
             return asyncio.run(_status(cfg))
         except (RedisError, OSError) as e:
-            print(f"mx-sidecar: cannot read {cfg.redis_url}: {e}", file=sys.stderr)
+            print(f"mx-sidecar: cannot read {redact_url(cfg.redis_url)}: {describe_error(e)}", file=sys.stderr)
             return 1
+        except ConfigError as e:
+            print(f"mx-sidecar: {e}", file=sys.stderr)
+            return 2
     from sidecar.daemon import run_daemon
 
-    return run_daemon(cfg)
+    try:
+        return run_daemon(cfg)
+    except ConfigError as e:  # e.g. a secret file that cannot be read
+        print(f"mx-sidecar: {e}", file=sys.stderr)
+        return 2
 
 
 async def _status(cfg: Config) -> int:
-    import redis.asyncio as aioredis
+    from sidecar.auth import AuthError, Keyring
+    from sidecar.coordinator import open_record
+    from sidecar.protocol import ProtocolError
+    from sidecar.redis_client import connect
 
-    from sidecar.protocol import ProtocolError, decode_record
-
-    r = aioredis.Redis.from_url(cfg.redis_url, socket_timeout=5)
+    keys = Keyring.from_file(cfg.auth_key_file)
+    auth = "authenticated with the deployment key" if keys.enabled else "UNAUTHENTICATED (no MX_AUTH_KEY_FILE)"
+    print(f"records: {auth}")
+    r = connect(cfg)
     try:
         found = 0
         async for key in r.scan_iter(match=f"{cfg.redis_prefix}:*:src:*"):
@@ -65,7 +79,11 @@ async def _status(cfg: Config) -> int:
             if blob is None:
                 continue
             try:
-                rec = decode_record(blob if isinstance(blob, bytes) else blob.encode())
+                rec = open_record(keys, key.decode(), blob if isinstance(blob, bytes) else blob.encode(),
+                                  cfg.max_message_bytes)
+            except AuthError as e:
+                print(f"{key.decode()}: REFUSED, not authenticated ({e.reason})")
+                continue
             except ProtocolError as e:
                 print(f"{key.decode()}: unreadable ({e})")
                 continue

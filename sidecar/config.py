@@ -13,8 +13,11 @@ import re
 import shlex
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from sidecar.redis_client import redact_url
 
 
 class ConfigError(ValueError):
@@ -81,7 +84,16 @@ def _choice(*options: str) -> Callable[[str], str]:
 def _zmq_address(raw: str) -> str:
     if not raw.startswith(("ipc://", "tcp://")):
         raise ValueError("must be an ipc:// or tcp:// ZMQ address")
+    if raw.startswith("ipc://@"):
+        raise ValueError("an abstract ipc socket (ipc://@...) has no file permissions: use a path")
     return raw
+
+
+def _flag(raw: str) -> bool:
+    v = raw.strip().lower()
+    if v not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
+        raise ValueError("must be 1/0 (or true/false, yes/no, on/off)")
+    return v in ("1", "true", "yes", "on")
 
 
 def _redis_url(raw: str) -> str:
@@ -119,6 +131,15 @@ def _args(raw: str) -> str:
     return raw.strip()
 
 
+def _readable_file(raw: str) -> str:
+    path = raw.strip()
+    if not os.path.isfile(path):
+        raise ValueError("no such file (mount the Secret there, or leave the setting empty)")
+    if not os.access(path, os.R_OK):
+        raise ValueError("the file is not readable by this user")
+    return path
+
+
 def _nonempty(raw: str) -> str:
     v = raw.strip()
     if not v or len(v) > 200 or any(c in v for c in " \t\n:{}"):
@@ -130,10 +151,25 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MX_ZMQ_ADDRESS", "zmq_address", "ipc:///tmp/mx/engine.sock",
             "Base ZMQ address of the engine hook; rank r uses `<base>-r.sock` (ipc) or port+r (tcp).",
             _zmq_address),
+    Setting("MX_ALLOW_TCP_HOOK", "allow_tcp_hook", False,
+            "Allow a tcp:// MX_ZMQ_ADDRESS (anything that reaches the port can drive the engine); default: ipc only, "
+            "in a 0700 directory the hook creates.", _flag),
     Setting("MX_MODEL_NAME", "model_name", "",
             "Model label for logs and metrics; default: the model id the engine reports.", _text),
     Setting("MX_REDIS_URL", "redis_url", "redis://127.0.0.1:6379/0",
             "Redis (or Valkey) holding leases, the source registry and heartbeats.", _redis_url),
+    Setting("MX_REDIS_USERNAME", "redis_username", "",
+            "Redis ACL user (empty: the URL's user, else `default`).", _text),
+    Setting("MX_REDIS_PASSWORD_FILE", "redis_password_file", "",
+            "File holding the Redis password (a Kubernetes Secret mount); a password in MX_REDIS_URL also works, "
+            "not both.", _readable_file),
+    Setting("MX_REDIS_TLS_CA_FILE", "redis_tls_ca_file", "",
+            "CA bundle that signs the Redis server's certificate (`rediss://` URLs; empty: the system CAs).",
+            _readable_file),
+    Setting("MX_REDIS_TLS_CERT_FILE", "redis_tls_cert_file", "",
+            "Client certificate for Redis servers that ask for one (with MX_REDIS_TLS_KEY_FILE).", _readable_file),
+    Setting("MX_REDIS_TLS_KEY_FILE", "redis_tls_key_file", "",
+            "Private key of MX_REDIS_TLS_CERT_FILE.", _readable_file),
     Setting("MX_REDIS_PREFIX", "redis_prefix", "mx", "Key prefix, to share one Redis between clusters.", _nonempty),
     Setting("MX_TP_SIZE", "tp_size", 0,
             "Number of engine ranks to connect; 0 = read it from rank 0's manifest.", _non_negative_int),
@@ -142,9 +178,6 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MX_METRICS_HOST", "metrics_host", "0.0.0.0", "Address the HTTP server binds.", _text),
     Setting("MX_METRICS_PORT", "metrics_port", 9400,
             "Port of /metrics, /healthz, /readyz (0: any free port, logged at start).", _port),
-    Setting("MX_VERIFY", "verify", "checksum",
-            "`size`: byte counts only; `checksum`: per-tensor checksums must match the source's.",
-            _choice("size", "checksum")),
     Setting("MX_SOURCE_MODE", "source_mode", "auto",
             "`direct`: peers read engine memory; `staged`: peers read a sidecar-owned ring; "
             "`auto`: direct for DRAM, staged for CUDA-IPC-imported GPU memory.", _choice("auto", "staged", "direct")),
@@ -223,20 +256,37 @@ SETTINGS: tuple[Setting, ...] = (
             _positive_seconds),
     Setting("MX_LOG_LEVEL", "log_level", "info", "debug, info, warning or error.",
             _choice("debug", "info", "warning", "error")),
+    Setting("MX_AUTH_KEY_FILE", "auth_key_file", "",
+            "File holding the deployment key (>= 32 bytes, a Kubernetes Secret) that authenticates Redis records, "
+            "peer messages and engine commands; empty: everything runs UNAUTHENTICATED (logged, in metrics).",
+            _text),
+    Setting("MX_TEST_FAILPOINTS", "test_failpoints", "",
+            "Tests only: `name=action,...` fault injection (sidecar/failpoints.py); never set in production.",
+            _text),
 )
+
+# Settings that existed once: refusing them beats silently ignoring what an operator asked for.
+REMOVED = {
+    "MX_VERIFY": ("checksum", "removed: checksums always decide a release (a size check let a wrong chunk through)"),
+}
 
 
 @dataclass(frozen=True)
 class Config:
     zmq_address: str
+    allow_tcp_hook: bool
     model_name: str
-    redis_url: str
+    redis_url: str = field(repr=False)  # may hold a password: shown only through redis_client.redact_url
+    redis_username: str
+    redis_password_file: str
+    redis_tls_ca_file: str
+    redis_tls_cert_file: str
+    redis_tls_key_file: str
     redis_prefix: str
     tp_size: int
     node_name: str
     metrics_host: str
     metrics_port: int
-    verify: Literal["size", "checksum"]
     source_mode: Literal["auto", "staged", "direct"]
     staging_slots: int
     staging_slot_bytes: int
@@ -271,6 +321,8 @@ class Config:
     trtllm_build_args: str
     trtllm_build_timeout: float
     log_level: str
+    auth_key_file: str
+    test_failpoints: str
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Config:
@@ -285,7 +337,12 @@ class Config:
             try:
                 values[s.field] = s.parse(raw)
             except ValueError as e:
-                errors.append(f"{s.env}={raw!r}: {e}")
+                shown = redact_url(raw) if s.env == "MX_REDIS_URL" else raw
+                errors.append(f"{s.env}={shown!r}: {e}")
+        for name, (allowed, why) in REMOVED.items():
+            raw = env.get(name)
+            if raw and raw.strip().lower() != allowed:
+                errors.append(f"{name}={raw!r}: {why}")
         values.update(overrides)
         if errors:
             raise ConfigError("invalid configuration: " + "; ".join(errors))
@@ -294,11 +351,29 @@ class Config:
         return cfg
 
     def _check_relations(self) -> None:
+        self._check_redis_auth()
+        if self.zmq_address.startswith("tcp://") and not self.allow_tcp_hook:
+            raise ConfigError(f"MX_ZMQ_ADDRESS={self.zmq_address}: tcp:// lets any process that reaches the port "
+                              "drive the engine; use ipc:// (default) or set MX_ALLOW_TCP_HOOK=1")
         if self.heartbeat_interval * 2 > self.source_ttl:
             raise ConfigError(
                 f"MX_SOURCE_TTL ({self.source_ttl}s) must be at least twice MX_HEARTBEAT_INTERVAL "
                 f"({self.heartbeat_interval}s), or one late beat drops a live source"
             )
+
+    def _check_redis_auth(self) -> None:
+        url = urlsplit(self.redis_url)
+        if bool(self.redis_tls_cert_file) != bool(self.redis_tls_key_file):
+            raise ConfigError("MX_REDIS_TLS_CERT_FILE and MX_REDIS_TLS_KEY_FILE go together (a client certificate "
+                              "needs its key)")
+        tls_files = self.redis_tls_ca_file or self.redis_tls_cert_file
+        if tls_files and url.scheme != "rediss":
+            raise ConfigError("MX_REDIS_TLS_* files are set but MX_REDIS_URL is not rediss:// (TLS is chosen by "
+                              "the URL)")
+        if self.redis_password_file and url.password:
+            raise ConfigError("MX_REDIS_URL holds a password and MX_REDIS_PASSWORD_FILE is set: use one of them")
+        if self.redis_username and url.username and url.username != self.redis_username:
+            raise ConfigError("MX_REDIS_URL names another user than MX_REDIS_USERNAME")
 
     def rank_address(self, rank: int) -> str:
         return rank_address(self.zmq_address, rank)

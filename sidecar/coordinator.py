@@ -8,19 +8,26 @@ Keys (P = MX_REDIS_PREFIX, F = replica fingerprint, R = replica id = host-pid-ra
   P:F:readers:R     readers currently pulling from R (least-loaded choice)
   P:agent:NAME      NIXL agent metadata of every agent (targets too: sources send them notifications)
 Heartbeats never rewrite the large record (a field report had that fill a Redis disk).
+
+Records and agent metadata are Sealed values (sidecar.auth): an HMAC with the deployment key over the
+kind, the key name and the body, checked before anything in them is used. Heartbeats, leases and reader
+counts are not sealed: forging them can only make a target wait, try a dead source or pick a busier one.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from sidecar.protocol import ProtocolError, SourceRecord, decode_record, encode
+from sidecar.auth import AuthError, Keyring
+from sidecar.protocol import ProtocolError, SourceRecord, decode_record, decode_sealed, encode
+from sidecar.redis_client import describe_error
 
 log = logging.getLogger("mx.coordinator")
 
@@ -57,15 +64,30 @@ class Candidate:
 def _fresh(beat: bytes, now: float) -> bool:
     try:
         ts, ttl = (float(x) for x in beat.split())
-    except ValueError:
+    except (ValueError, UnicodeDecodeError):
         return False
     return now - ts <= ttl
 
 
+def _count(raw: bytes | None) -> int:
+    try:
+        return max(0, int(raw or 0))
+    except (ValueError, UnicodeDecodeError):
+        return 1 << 30  # garbage: sort it last rather than trust it
+
+
+def open_record(keys: Keyring, key: str, blob: bytes, max_bytes: int) -> SourceRecord:
+    """A source record from its Redis value: seal checked first (AuthError), then decoded (ProtocolError)."""
+    return decode_record(keys.unseal("record", key, blob, max_bytes), max_bytes)
+
+
 class Coordinator:
-    def __init__(self, url: str, prefix: str, replica_id: str, node: str, source_ttl: float,
-                 max_record_bytes: int, max_metadata_bytes: int) -> None:
-        self._r = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    def __init__(self, client: aioredis.Redis, prefix: str, replica_id: str, node: str, source_ttl: float,
+                 max_record_bytes: int, max_metadata_bytes: int, keys: Keyring,
+                 on_auth_fail: Callable[[str, str], None] = lambda who, reason: None) -> None:
+        self._r = client  # from sidecar.redis_client.connect(cfg): AUTH and TLS are set up there
+        self._keys = keys
+        self._on_auth_fail = on_auth_fail
         self._p = prefix
         self.replica_id = replica_id
         self._node = node
@@ -81,7 +103,7 @@ class Coordinator:
         try:
             return await coro
         except (RedisError, OSError) as e:
-            raise CoordinatorUnavailable(f"redis {what}: {e}") from e
+            raise CoordinatorUnavailable(f"redis {what}: {describe_error(e)}") from e
 
     async def ping(self) -> None:
         await self._call("ping", self._r.ping())
@@ -105,21 +127,29 @@ class Coordinator:
 
     # -------------------------------------------------------------- agents
     async def put_agent(self, name: str, metadata: bytes) -> None:
-        await self._call("put_agent", self._r.set(f"{self._p}:agent:{name}", metadata, px=self._ttl_ms))
+        key = f"{self._p}:agent:{name}"
+        await self._call("put_agent", self._r.set(key, self._keys.seal("agent", key, metadata), px=self._ttl_ms))
 
     async def get_agent(self, name: str) -> bytes:
-        blob = await self._call("get_agent", self._r.get(f"{self._p}:agent:{name}"))
+        """The agent's NIXL metadata; AuthError if its seal is missing or wrong (a foreign agent)."""
+        key = f"{self._p}:agent:{name}"
+        blob = await self._call("get_agent", self._r.get(key))
         if blob is None:
             raise ProtocolError(f"no metadata for agent {name!r} in Redis")
-        if len(blob) > self._max_meta:
+        if len(blob) > self._max_meta + 1024:
             raise ProtocolError(f"agent metadata of {len(blob)} bytes exceeds {self._max_meta}")
-        return bytes(blob)
+        try:
+            return self._keys.unseal("agent", key, bytes(blob), self._max_meta + 1024)
+        except AuthError as e:
+            self._on_auth_fail(name, e.reason)
+            raise
 
     # -------------------------------------------------------------- sources
     async def publish(self, rec: SourceRecord, agent_names: list[str]) -> None:
         fp, rid = rec.fingerprint, rec.replica
         pipe = self._r.pipeline(transaction=True)
-        pipe.set(self._k(fp, "src", rid), encode(rec), px=self._ttl_ms)
+        key = self._k(fp, "src", rid)
+        pipe.set(key, self._keys.seal("record", key, encode(rec)), px=self._ttl_ms)
         pipe.set(self._k(fp, "hb", rid), self._beat(), px=self._ttl_ms)
         pipe.sadd(self._k(fp, "sources"), rid)
         await self._call("publish", pipe.execute())
@@ -154,8 +184,11 @@ class Coordinator:
         out: list[Candidate] = []
         now = time.time()
         for m in members:
-            rid = m.decode()
-            if rid == self.replica_id:
+            try:
+                rid = m.decode()
+            except UnicodeDecodeError:
+                continue
+            if rid == self.replica_id or not rid or ":" in rid:
                 continue
             hb, blob, readers = await self._call("source", self._get3(fp, rid))
             if hb is None or blob is None:
@@ -164,14 +197,17 @@ class Coordinator:
             if not _fresh(hb, now):  # freshness check on top of the key's TTL
                 continue
             try:
-                rec = decode_record(blob, self._max_record)
+                rec = open_record(self._keys, self._k(fp, "src", rid), blob, self._max_record)
+            except AuthError as e:
+                self._on_auth_fail(rid, e.reason)
+                continue
             except ProtocolError as e:
                 log.warning("ignoring source %s: %s", rid, e)
                 continue
             if rec.fingerprint != fp or rec.replica != rid:
                 log.warning("ignoring source %s: record names another replica or model", rid)
                 continue
-            out.append(Candidate(rec, int(readers or 0), rec.node == self._node))
+            out.append(Candidate(rec, _count(readers), rec.node == self._node))
         out.sort(key=lambda c: (not c.same_node, c.readers, c.record.replica))
         return out
 
@@ -179,33 +215,38 @@ class Coordinator:
         """Fresh sources of every fingerprint whose record names `model`. Read-only.
 
         For file-level targets (runtime_hooks/file_publish.py), which learn the fingerprint from the source's
-        record. A SCAN over `P:*:src:*`: fine for tens of models; a `P:model:M` index would make it O(1).
+        record. A SCAN over `P:*:src:*`; the model name is read from the unverified body only to skip other
+        models' records, a match is opened (seal checked) like in `live_sources`. A `P:model:M` index would make
+        the lookup O(1).
         """
         out: list[Candidate] = []
         now = time.time()
         try:
             keys = [k.decode() async for k in self._r.scan_iter(match=f"{self._p}:*:src:*", count=1000)]
         except (RedisError, OSError) as e:
-            raise CoordinatorUnavailable(f"redis scan: {e}") from e
+            raise CoordinatorUnavailable(f"redis scan: {describe_error(e)}") from e
         for key in keys:
             parts = key.split(":")
-            if len(parts) != 4:
+            if len(parts) != 4 or not parts[3]:
                 continue
             fp, rid = parts[1], parts[3]
             hb, blob, readers = await self._call("source", self._get3(fp, rid))
-            if hb is None or blob is None or not _fresh(hb, now) or len(blob) > self._max_record:
+            if hb is None or blob is None or not _fresh(hb, now):
                 continue
             try:
-                if _head_decoder.decode(blob).model != model:
+                if _head_decoder.decode(decode_sealed(blob, self._max_record).body).model != model:
                     continue
-                rec = decode_record(blob, self._max_record)
+                rec = open_record(self._keys, key, blob, self._max_record)
+            except AuthError as e:
+                self._on_auth_fail(rid, e.reason)
+                continue
             except (msgspec.DecodeError, ProtocolError) as e:
                 log.warning("ignoring source %s: %s", rid, e)
                 continue
             if rec.fingerprint != fp or rec.replica != rid:
                 log.warning("ignoring source %s: record names another replica or model", rid)
                 continue
-            out.append(Candidate(rec, int(readers or 0), rec.node == self._node))
+            out.append(Candidate(rec, _count(readers), rec.node == self._node))
         out.sort(key=lambda c: (not c.same_node, c.readers, c.record.replica))
         return out
 

@@ -1,8 +1,14 @@
-"""ZMQ client for one engine rank's hook socket (asyncio)."""
+"""ZMQ client for one engine rank's hook socket (asyncio), speaking for this sidecar's session.
+
+Requests are multiplexed: pings flow while a long `prepare_target` or `load_from_storage` is
+outstanding (before, one request at a time meant a long prepare silenced the sidecar and the hook
+took it for dead). Replies are matched by id; a late reply to a timed-out request is dropped.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -10,6 +16,7 @@ import time
 import zmq
 import zmq.asyncio
 
+from sidecar.auth import Keyring
 from sidecar.protocol import PROTOCOL_VERSION, Op, ProtocolError, Reply, Request, decode_reply, encode
 
 log = logging.getLogger("mx.link")
@@ -20,39 +27,59 @@ class EngineError(RuntimeError):
 
 
 class EngineLink:
-    """A DEALER socket to one rank. Requests carry ids so a late reply to a timed-out request is dropped."""
-
-    def __init__(self, ctx: zmq.asyncio.Context, address: str, rank: int, max_message_bytes: int) -> None:
+    def __init__(self, ctx: zmq.asyncio.Context, address: str, rank: int, max_message_bytes: int,
+                 session: str, keys: Keyring) -> None:
         self.address = address
         self.rank = rank
+        self.session = session
+        self._keys = keys
         self._max = max_message_bytes
         self._ids = itertools.count(1)
-        self._lock = asyncio.Lock()
+        self._waiting: dict[int, asyncio.Future[Reply]] = {}
+        self._reader: asyncio.Task[None] | None = None
         self._sock = ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         self._sock.connect(address)
+        self.last_reply: Reply | None = None  # newest reply of any kind: the rank's state as last seen
 
     async def request(self, op: Op, timeout: float) -> Reply:
-        async with self._lock:  # one request in flight per rank keeps replies in order
-            req_id = next(self._ids)
-            await self._sock.send(encode(Request(PROTOCOL_VERSION, req_id, op)))
-            deadline = time.monotonic() + timeout
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not await self._sock.poll(remaining * 1000):
-                    raise EngineError(f"rank {self.rank}: no reply to {op} within {timeout:.0f}s from {self.address}")
-                data = await self._sock.recv()
-                try:
-                    reply = decode_reply(data, self._max)
-                except ProtocolError as e:
-                    raise EngineError(f"rank {self.rank}: bad reply to {op}: {e}") from None
-                if reply.id != req_id:
-                    log.debug("rank %d: dropping stale reply %d", self.rank, reply.id)
-                    continue
-                if not reply.ok:
-                    raise EngineError(f"rank {self.rank}: {op} refused: {reply.error} (state {reply.state})")
-                return reply
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self._read(), name=f"link-{self.rank}")
+        req_id = next(self._ids)
+        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._waiting[req_id] = fut
+        req = self._keys.sign_msg("hook", Request(PROTOCOL_VERSION, req_id, op, self.session))
+        try:
+            await self._sock.send(encode(req))
+            try:
+                reply = await asyncio.wait_for(fut, timeout)
+            except TimeoutError:
+                raise EngineError(f"rank {self.rank}: no reply to {op} within {timeout:.0f}s from "
+                                  f"{self.address}") from None
+        finally:
+            self._waiting.pop(req_id, None)
+        if not reply.ok:
+            raise EngineError(f"rank {self.rank}: {op} refused: {reply.error} (state {reply.state})")
+        return reply
+
+    async def _read(self) -> None:
+        while True:
+            data = await self._sock.recv()
+            try:
+                reply = decode_reply(data, self._max)
+            except ProtocolError as e:
+                # Not attributable to a request: fail them all rather than guess.
+                for fut in self._waiting.values():
+                    if not fut.done():
+                        fut.set_exception(EngineError(f"rank {self.rank}: bad reply: {e}"))
+                continue
+            waiter = self._waiting.get(reply.id)
+            if waiter is None or waiter.done():
+                log.debug("rank %d: dropping stale reply %d", self.rank, reply.id)
+                continue
+            self.last_reply = reply
+            waiter.set_result(reply)
 
     async def wait_until_up(self, timeout: float, attempt_timeout: float = 2.0) -> Reply:
         """Ping until the hook answers. ZMQ connects lazily, so the socket may appear at any time."""
@@ -65,5 +92,9 @@ class EngineLink:
                     raise EngineError(f"rank {self.rank}: engine socket {self.address} did not answer "
                                       f"within {timeout:.0f}s") from None
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
         self._sock.close(0)

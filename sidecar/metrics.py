@@ -14,7 +14,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 log = logging.getLogger("mx.metrics")
 
-ROLES = ("unknown", "source", "target", "serving")
+ROLES = ("unknown", "source", "target", "serving", "withdrawn")
 
 
 class Metrics:
@@ -46,6 +46,17 @@ class Metrics:
         self.serve_sessions = Counter("mx_serve_sessions", "Reads served to targets", ["model", "result"],
                                       registry=r)
         self.startup_seconds = Gauge("mx_startup_seconds", "Start-up phases", ["model", "phase"], registry=r)
+        self.auth_failures = Counter("mx_auth_failures", "Input refused for a missing or wrong MAC, or a replay",
+                                     ["model", "channel", "reason"], registry=r)
+        self.records_authenticated = Gauge("mx_records_authenticated",
+                                           "1: records and messages are authenticated with a deployment key; "
+                                           "0: UNAUTHENTICATED", ["model"], registry=r)
+        self.task_failures = Counter("mx_background_task_failures", "Background tasks that died (the process exits)",
+                                     ["model", "task"], registry=r)
+        self.withdrawals = Counter("mx_source_withdrawals", "A source stopped serving because its engine changed",
+                                   ["model", "reason"], registry=r)
+        self.fence_failures = Counter("mx_fence_failures", "Attempts whose READs could not be confirmed finished "
+                                      "(the process exits with the engine blocked)", ["model"], registry=r)
         self.ready = False
         self.healthy = True
 

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from sidecar.auth import AuthError, Keyring
 from sidecar.protocol import Bye, Done, Hello, PeerMsg, ProtocolError, Ready, Welcome, decode_peer
 
 log = logging.getLogger("mx.peers")
@@ -15,10 +16,12 @@ class PeerRouter:
     """Welcome/Ready go to the reader session waiting for them; Hello/Done/Bye go to the source server."""
 
     def __init__(self, on_source_msg: Callable[[str, Hello | Done | Bye], None],
-                 on_bad: Callable[[str], None]) -> None:
+                 on_bad: Callable[[str], None], keys: Keyring, on_auth_fail: Callable[[str, str], None]) -> None:
         self._inboxes: dict[str, tuple[str, asyncio.Queue[Welcome | Ready]]] = {}
         self._on_source_msg = on_source_msg
         self._on_bad = on_bad
+        self._keys = keys
+        self._on_auth_fail = on_auth_fail
 
     def open(self, session: str, source_agent: str) -> asyncio.Queue[Welcome | Ready]:
         q: asyncio.Queue[Welcome | Ready] = asyncio.Queue()
@@ -34,6 +37,11 @@ class PeerRouter:
         except ProtocolError as e:
             log.warning("rejected notification from %s: %s", peer, e)
             self._on_bad(str(e))
+            return
+        try:
+            self._keys.check_msg("peer", msg, f"{type(msg).__name__} from {peer}")
+        except AuthError as e:  # an unauthenticated peer cannot drive a source or a target
+            self._on_auth_fail(peer, e.reason)
             return
         if isinstance(msg, (Welcome, Ready)):
             entry = self._inboxes.get(msg.session)

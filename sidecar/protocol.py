@@ -12,23 +12,26 @@ from typing import Literal
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: sessions on engine commands, MACs on peer messages, sealed Redis records
 # Bounds that hold whatever the config says: a manifest of 100k tensors is ~10 MiB of msgpack.
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 MAX_TENSORS = 200_000
 MAX_HANDLES = 200_000
 MAX_NAME_CHARS = 1024
+MIN_SLOT_BYTES = 64 << 10  # a forged record of 1-byte slots would turn one transfer into billions of chunks
+MAX_SLOTS = 64
 
 Op = Literal["ping", "describe", "prepare_target", "load_from_storage", "weights_ready", "abort"]
 OPS: tuple[str, ...] = ("ping", "describe", "prepare_target", "load_from_storage", "weights_ready", "abort")
 
-# Hook states, in the order a healthy replica walks them.
-#   waiting   : tensors allocated, no verdict yet (the engine is blocked)
-#   loading   : reading weights from storage (source)
-#   receiving : final layout exposed, waiting for bytes from a peer (target)
+# Hook states, in the order a healthy replica walks them (sidecar/session.py holds the rules).
+#   waiting   : tensors allocated, no verdict yet (the engine is blocked); no session may write them
+#   preparing : a session's prepare_target runs (dummy init + post-processing)
+#   loading   : reading weights from storage (source, or fallback)
+#   receiving : final layout exposed; the owning session may write it (target)
 #   ready     : the engine runs on these tensors; they may be served to others
 #   failed    : the adapter raised; the reply's error says why
-State = Literal["waiting", "loading", "receiving", "ready", "failed"]
+State = Literal["waiting", "preparing", "loading", "receiving", "ready", "failed"]
 
 
 class ProtocolError(ValueError):
@@ -98,6 +101,8 @@ class Request(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     v: int
     id: int
     op: Op
+    session: str = ""  # the sidecar process's session; engine-changing ops need the one that owns the rank
+    mac: bytes = b""  # HMAC with the deployment key (sidecar.auth), required by a hook that has a key
 
 
 class Reply(msgspec.Struct, frozen=True):
@@ -107,6 +112,10 @@ class Reply(msgspec.Struct, frozen=True):
     state: State | Literal["unknown"] = "unknown"
     error: str = ""
     manifest: Manifest | None = None
+    owner: str = ""  # session that owns the rank ("" none)
+    owner_silent_s: float = 0.0  # seconds since the owner's last contact, counted from the end of its last command
+    prepared: bool = False  # post-processing ran: prepare_target is then idempotent
+    weights_version: int = 0  # bumped by the engine when it changes its weights in place
 
 
 class _Envelope(msgspec.Struct):
@@ -215,10 +224,12 @@ MAX_PEER_MESSAGE_BYTES = 64 << 10
 
 class Hello(msgspec.Struct, tag="hello", frozen=True, forbid_unknown_fields=True):
     v: int
-    session: str
+    session: str  # fresh random id per attempt: every later message of the session is bound to it
     rank: int
     reader: str  # the reader's agent name; its metadata is in Redis
     layout_digest: str
+    ts: float = 0.0  # reader's wall clock: a source refuses a Hello older than MAX_HELLO_AGE_S (replay)
+    mac: bytes = b""
 
 
 class Welcome(msgspec.Struct, tag="welcome", frozen=True, forbid_unknown_fields=True):
@@ -226,6 +237,7 @@ class Welcome(msgspec.Struct, tag="welcome", frozen=True, forbid_unknown_fields=
     session: str
     ok: bool
     error: str = ""
+    mac: bytes = b""
 
 
 class Ready(msgspec.Struct, tag="ready", frozen=True, forbid_unknown_fields=True):
@@ -233,18 +245,25 @@ class Ready(msgspec.Struct, tag="ready", frozen=True, forbid_unknown_fields=True
     session: str
     chunk: int
     slot: int
+    mac: bytes = b""
 
 
 class Done(msgspec.Struct, tag="done", frozen=True, forbid_unknown_fields=True):
     v: int
     session: str
     chunk: int
+    mac: bytes = b""
 
 
 class Bye(msgspec.Struct, tag="bye", frozen=True, forbid_unknown_fields=True):
     v: int
     session: str
     ok: bool
+    mac: bytes = b""
+
+
+MAX_HELLO_AGE_S = 60.0
+MAX_SESSION_CHARS = 64
 
 
 PeerMsg = Hello | Welcome | Ready | Done | Bye
@@ -254,9 +273,12 @@ _peer_decoder = msgspec.msgpack.Decoder(PeerMsg)  # type: ignore[var-annotated]
 def decode_peer(data: bytes) -> PeerMsg:
     _check_frame(data, MAX_PEER_MESSAGE_BYTES)
     try:
-        return _peer_decoder.decode(data)  # type: ignore[no-any-return]
+        msg: PeerMsg = _peer_decoder.decode(data)
     except msgspec.DecodeError as e:
         raise ProtocolError(f"malformed peer message: {e}") from None
+    if not msg.session or len(msg.session) > MAX_SESSION_CHARS:
+        raise ProtocolError("peer message without a valid session id")
+    return msg
 
 
 # ---------------------------------------------------------------------------- Redis records
@@ -283,12 +305,38 @@ class SourceRecord(msgspec.Struct, frozen=True):
     model: str
     fingerprint: str
     ranks: list[RankSource]
+    published_at: float = 0.0  # wall clock of the publication (inside the seal: a replay shows its age)
+
+
+class Sealed(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A Redis value: `body` (msgpack) with an HMAC over (kind, key, body) made with the deployment key.
+
+    The key name is inside the MAC, so a sealed value moved to another key (another replica, another
+    fingerprint, another agent) fails verification like a forged one.
+    """
+
+    v: int
+    kind: str
+    body: bytes
+    mac: bytes = b""
+
+
+_sealed_decoder = msgspec.msgpack.Decoder(Sealed)
+
+
+def decode_sealed(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Sealed:
+    _check_frame(data, max_bytes)
+    try:
+        return _sealed_decoder.decode(data)
+    except msgspec.DecodeError as e:
+        raise ProtocolError(f"malformed sealed value: {e}") from None
 
 
 _record_decoder = msgspec.msgpack.Decoder(SourceRecord)
 
 
 def decode_record(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> SourceRecord:
+    """The record inside a Sealed value's body (the seal is checked by sidecar.auth first)."""
     _check_frame(data, max_bytes)
     try:
         rec = _record_decoder.decode(data)
@@ -301,4 +349,8 @@ def decode_record(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> So
             raise ProtocolError("direct source without one address per entry")
         if r.mode == "staged" and not r.slots:
             raise ProtocolError("staged source without slots")
+        if len(r.checksums) != len(r.entries):
+            raise ProtocolError("a source record must carry one checksum per entry")
+        if any(n < MIN_SLOT_BYTES or a <= 0 for a, n in r.slots) or len(r.slots) > MAX_SLOTS:
+            raise ProtocolError(f"staging slots must number at most {MAX_SLOTS}, each of >= {MIN_SLOT_BYTES} bytes")
     return rec

@@ -2,6 +2,12 @@
 
 Local descriptors come only from this rank's own manifest (validated against its own handles), so a
 bad record in Redis or a lying peer can make a transfer fail but never write outside our tensors.
+
+Fencing: an attempt ends only when no READ into engine memory is in flight. Before every READ the
+rank's guard is asked (is the rank still `receiving` under our session, is our lease on it fresh?).
+When the attempt ends, in-flight READs are drained; a drain that cannot be confirmed raises FenceError
+and the daemon exits with the engine blocked (NIXL cannot confirm a cancel: `releaseXferReq` and
+`remove_remote_agent` drop its bookkeeping without waiting for UCX; process exit does end them).
 """
 
 from __future__ import annotations
@@ -13,7 +19,9 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from sidecar.auth import Keyring
 from sidecar.config import Config
+from sidecar.failpoints import Failpoints
 from sidecar.logs import Ctx
 from sidecar.metrics import Metrics
 from sidecar.peers import PeerRouter
@@ -23,6 +31,7 @@ from sidecar.rank_memory import RankMemory
 from sidecar.transport import TransferError, Transport
 
 DIRECT_WINDOW = 4  # READs in flight in direct mode; staged mode is bounded by the source's slots
+MAX_CHUNKS = 1_000_000  # with the 64 KiB minimum slot that is 64 GB per rank; beyond it a plan is refused
 
 
 class VerifyError(RuntimeError):
@@ -31,6 +40,17 @@ class VerifyError(RuntimeError):
 
 class SourceFailed(RuntimeError):
     pass
+
+
+class FenceError(RuntimeError):
+    """READs into engine memory may still be in flight: nothing may touch that memory; the process must exit."""
+
+
+class Superseded(RuntimeError):
+    """The rank is no longer ours to write (state moved, another session, or our lease went stale)."""
+
+
+Guard = Callable[[], str]  # '' while this session may write the rank, else why not
 
 
 class StreamingVerifier:
@@ -77,10 +97,14 @@ async def pull_rank(
     router: PeerRouter,
     metrics: Metrics,
     log: Ctx,
-) -> tuple[int, StreamingVerifier | None]:
-    """Move every byte of `rank` from `src`; returns bytes moved and the running checksums (MX_VERIFY=checksum).
+    keys: Keyring,
+    guard: Guard,
+    failpoints: Failpoints,
+) -> tuple[int, StreamingVerifier]:
+    """Move every byte of `rank` from `src`; returns bytes moved and the running checksums.
 
-    Raises SourceFailed/VerifyError/PlanError."""
+    Raises SourceFailed/VerifyError/PlanError/Superseded, or FenceError when it cannot prove that no READ is left
+    in flight."""
     tr = rank.transport
     assert tr is not None
     check_entries_match(src.entries, rank.manifest)  # before any byte moves
@@ -97,46 +121,52 @@ async def pull_rank(
     total = rank.manifest.total_bytes
     moved = 0
     t0 = time.monotonic()
-    verifier = StreamingVerifier(rank) if cfg.verify == "checksum" else None
+    verifier = StreamingVerifier(rank)
     inflight: list[tuple[Any, Chunk]] = []
+    reads = _Reads(tr, peer, src.mem_type, inflight, guard, failpoints)
+    progress = _Progress(log, rank.rank, total, t0, verifier.chunk_done)
+    ok = False
     try:
         with tr.busy():
-            tr.send(peer, encode(Hello(PROTOCOL_VERSION, session, rank.rank, tr.name, rank.manifest.layout_digest)))
+            tr.send(peer, encode(keys.sign_msg("peer", Hello(PROTOCOL_VERSION, session, rank.rank, tr.name,
+                                                             rank.manifest.layout_digest, time.time()))))
             welcome = await _next(inbox, cfg.stall_timeout, "Welcome")
             if not isinstance(welcome, Welcome) or not welcome.ok:
                 raise SourceFailed(f"source refused: {getattr(welcome, 'error', welcome)}")
-            progress = _Progress(log, rank.rank, total, t0, verifier.chunk_done if verifier else None)
             deadline = t0 + cfg.transfer_timeout
             if src.mode == "staged":
                 slot_bytes = {n for _, n in src.slots}
                 if len(slot_bytes) != 1:
                     raise PlanError("source slots of unequal size")
                 chunks = chunk_plan(rank.manifest.tensors, slot_bytes.pop())
-                moved = await _staged(cfg, tr, peer, session, src, rank, chunks, inbox, progress, deadline,
-                                      inflight)
+                _check_chunk_count(chunks)
+                moved = await _staged(cfg, reads, session, src, rank, chunks, inbox, progress, deadline, keys)
             else:
                 chunks = chunk_plan(rank.manifest.tensors, cfg.staging_slot_bytes)
-                moved = await _direct(cfg, tr, peer, src, rank, chunks, progress, deadline, inflight)
-    except BaseException as e:
-        if verifier is not None:
-            verifier.close()
-        if isinstance(e, TransferError):
-            raise SourceFailed(str(e)) from e
-        if isinstance(e, TimeoutError):
-            raise SourceFailed(f"source stalled for {cfg.stall_timeout:.0f}s") from e
-        raise
+                _check_chunk_count(chunks)
+                moved = await _direct(cfg, reads, src, rank, chunks, progress, deadline)
+        ok = True
+    except TransferError as e:
+        raise SourceFailed(str(e)) from e
+    except TimeoutError as e:
+        raise SourceFailed(f"source stalled for {cfg.stall_timeout:.0f}s") from e
     finally:
+        if not ok:
+            verifier.close()
         # Never leave a READ in flight: it could land after a fallback wrote these tensors from storage.
-        await _drain(tr, inflight, cfg.stall_timeout, log, rank.rank)
+        drained = await _drain(tr, inflight, cfg.stall_timeout, failpoints)
         router.close(session)
         try:
-            tr.send(peer, encode(Bye(PROTOCOL_VERSION, session, moved == total)))
+            tr.send(peer, encode(keys.sign_msg("peer", Bye(PROTOCOL_VERSION, session, moved == total))))
         except Exception as e:  # the source may be dead already; that is why we are leaving
             log.debug("bye not sent: %s", e, rank=rank.rank)
+        if not drained:
+            tr.disconnect(peer)  # best effort; only the process exit is proof
+            raise FenceError(f"rank {rank.rank}: {len(inflight)} READs still in flight after "
+                             f"{cfg.stall_timeout:.0f}s")
         tr.remove_peer(peer)
     if moved != total:
-        if verifier is not None:
-            verifier.close()
+        verifier.close()
         raise VerifyError(f"moved {moved} of {total} bytes")
     t_end = time.monotonic()
     dt = t_end - t0
@@ -149,14 +179,32 @@ async def pull_rank(
     return moved, verifier
 
 
-async def verify_rank(cfg: Config, rank: RankMemory, src: RankSource, verifier: StreamingVerifier | None,
-                      log: Ctx) -> None:
-    """Sizes always (checked by the plan); checksums of every entry when MX_VERIFY=checksum."""
-    if cfg.verify != "checksum" or verifier is None:
-        return
-    if not src.checksums:
+def _check_chunk_count(chunks: list[Chunk]) -> None:
+    if len(chunks) > MAX_CHUNKS:
+        raise PlanError(f"{len(chunks)} chunks exceed the limit of {MAX_CHUNKS} (slots too small?)")
+
+
+class _Reads:
+    """Posts READs into engine memory, each only after the rank's guard allowed it."""
+
+    def __init__(self, tr: Transport, peer: str, mem_type: str, inflight: list[tuple[Any, Chunk]], guard: Guard,
+                 failpoints: Failpoints) -> None:
+        self.tr, self.peer, self._mem_type, self.inflight = tr, peer, mem_type, inflight
+        self._guard, self._fp = guard, failpoints
+
+    async def post(self, chunk: Chunk, local: Any, remote: Any, notif: bytes = b"") -> None:
+        await self._fp.ahit("before_read")
+        why = self._guard()
+        if why:
+            raise Superseded(why)
+        self.inflight.append((self.tr.start_read(local, remote, self.peer, self._mem_type, notif), chunk))
+
+
+async def verify_rank(rank: RankMemory, src: RankSource, verifier: StreamingVerifier, log: Ctx) -> None:
+    """Every entry's checksum must equal the source's (signed) one: this, not "the READ completed", releases."""
+    if len(src.checksums) != len(rank.manifest.tensors):
         verifier.close()
-        raise VerifyError("MX_VERIFY=checksum but the source published no checksums")
+        raise VerifyError("the source published no checksum for some entries")
     t0 = time.monotonic()
     mine = await verifier.results()  # mostly computed already, while the transfer streamed
     bad = [e.name for e, a, b in zip(rank.manifest.tensors, mine, src.checksums, strict=True) if a != b]
@@ -174,19 +222,13 @@ async def _next(inbox: asyncio.Queue[Welcome | Ready], timeout: float, what: str
         raise SourceFailed(f"no {what} from the source within {timeout:.0f}s") from None
 
 
-async def _wait_all(tr: Transport, inflight: list[tuple[Any, Chunk]], keep: int, cfg: Config,
-                    progress: _Progress, deadline: float) -> None:
+async def _wait_all(reads: _Reads, keep: int, cfg: Config, progress: _Progress, deadline: float) -> None:
     """Drive in-flight READs until at most `keep` remain."""
     last = time.monotonic()
+    inflight = reads.inflight
     while len(inflight) > keep:
-        still = []
-        for h, c in inflight:
-            if tr.poll(h):
-                progress.add(c)
-                last = time.monotonic()
-            else:
-                still.append((h, c))
-        inflight[:] = still
+        if _poll_once(reads.tr, inflight, progress):
+            last = time.monotonic()
         if len(inflight) > keep:
             now = time.monotonic()
             if now - last > cfg.stall_timeout or now > deadline:
@@ -194,7 +236,12 @@ async def _wait_all(tr: Transport, inflight: list[tuple[Any, Chunk]], keep: int,
             await asyncio.sleep(0.0002)
 
 
-async def _drain(tr: Transport, inflight: list[tuple[Any, Chunk]], timeout: float, log: Ctx, rank: int) -> None:
+async def _drain(tr: Transport, inflight: list[tuple[Any, Chunk]], timeout: float, failpoints: Failpoints) -> bool:
+    """True once no READ is in flight (each finished or failed); False if that cannot be confirmed in time."""
+    try:
+        failpoints.hit("drain")
+    except RuntimeError:
+        return False
     end = time.monotonic() + timeout
     while inflight:
         still = []
@@ -206,31 +253,32 @@ async def _drain(tr: Transport, inflight: list[tuple[Any, Chunk]], timeout: floa
                 pass  # failed: it writes nothing more
         inflight[:] = still
         if inflight and time.monotonic() > end:
-            log.error("%d READs still in flight after %.0fs; removing the peer", len(inflight), timeout, rank=rank)
-            return
+            return False
         if inflight:
             await asyncio.sleep(0.001)
+    return True
 
 
-async def _direct(cfg: Config, tr: Transport, peer: str, src: RankSource, rank: RankMemory, chunks: list[Chunk],
-                  progress: _Progress, deadline: float, inflight: list[tuple[Any, Chunk]]) -> int:
+async def _direct(cfg: Config, reads: _Reads, src: RankSource, rank: RankMemory, chunks: list[Chunk],
+                  progress: _Progress, deadline: float) -> int:
     for chunk in chunks:
         local, remote = descriptors(chunk, rank.entry_addrs, rank.device_id, src.entry_addrs, src.device_id)
         progress.started()
-        inflight.append((tr.start_read(local, remote, peer, src.mem_type), chunk))
-        await _wait_all(tr, inflight, DIRECT_WINDOW - 1, cfg, progress, deadline)
-    await _wait_all(tr, inflight, 0, cfg, progress, deadline)
+        await reads.post(chunk, local, remote)
+        await _wait_all(reads, DIRECT_WINDOW - 1, cfg, progress, deadline)
+    await _wait_all(reads, 0, cfg, progress, deadline)
     return progress.done
 
 
-async def _staged(cfg: Config, tr: Transport, peer: str, session: str, src: RankSource, rank: RankMemory,
+async def _staged(cfg: Config, reads: _Reads, session: str, src: RankSource, rank: RankMemory,
                   chunks: list[Chunk], inbox: asyncio.Queue[Welcome | Ready], progress: _Progress,
-                  deadline: float, inflight: list[tuple[Any, Chunk]]) -> int:
+                  deadline: float, keys: Keyring) -> int:
     expected = 0
     last = time.monotonic()
+    inflight = reads.inflight
     while expected < len(chunks) or inflight:
         before = progress.done
-        _poll_once(tr, inflight, progress)
+        _poll_once(reads.tr, inflight, progress)
         msg: Welcome | Ready | None = None
         if expected < len(chunks):
             if inflight:
@@ -243,9 +291,9 @@ async def _staged(cfg: Config, tr: Transport, peer: str, session: str, src: Rank
             slot_addr, _ = src.slots[msg.slot]
             local, remote = descriptors(chunks[expected], rank.entry_addrs, rank.device_id, slot_addr,
                                         src.device_id)
-            done = encode(Done(PROTOCOL_VERSION, session, expected))
+            done = encode(keys.sign_msg("peer", Done(PROTOCOL_VERSION, session, expected)))
             progress.started()
-            inflight.append((tr.start_read(local, remote, peer, src.mem_type, done), chunks[expected]))
+            await reads.post(chunks[expected], local, remote, done)
             expected += 1
         now = time.monotonic()
         if msg is not None or progress.done != before:
@@ -259,14 +307,23 @@ async def _staged(cfg: Config, tr: Transport, peer: str, session: str, src: Rank
     return progress.done
 
 
-def _poll_once(tr: Transport, inflight: list[tuple[Any, Chunk]], progress: _Progress) -> None:
+def _poll_once(tr: Transport, inflight: list[tuple[Any, Chunk]], progress: _Progress) -> bool:
     still = []
+    failed: TransferError | None = None
     for h, c in inflight:
-        if tr.poll(h):
-            progress.add(c)
-        else:
-            still.append((h, c))
-    inflight[:] = still
+        try:
+            if tr.poll(h):
+                progress.add(c)
+                continue
+        except TransferError as e:  # finished with an error: writes nothing more, its handle is released
+            failed = failed or e
+            continue
+        still.append((h, c))
+    changed = len(still) != len(inflight)
+    inflight[:] = still  # released handles never stay listed: the drain must not poll them again
+    if failed is not None:
+        raise failed
+    return changed
 
 
 class _Progress:

@@ -10,7 +10,7 @@ from sidecar.memory import MemoryOps, Region, import_handle, ops_for
 from sidecar.planner import target_addresses
 from sidecar.protocol import Manifest
 from sidecar.staging import StagingRing
-from sidecar.transport import Transport
+from sidecar.transport import Registration, Transport
 
 
 @dataclass
@@ -25,6 +25,27 @@ class RankMemory:
     checksums: list[str] = field(default_factory=list)
     import_s: float = 0.0
     register_s: float = 0.0
+    registrations: list[Registration] = field(default_factory=list)
+
+    def register(self, transport: Transport) -> None:
+        self.transport = transport
+        reg = transport.register(self.regions)
+        self.registrations.append(reg)
+        self.register_s = reg.seconds
+
+    def add_ring(self, ring: StagingRing) -> Registration:
+        assert self.transport is not None
+        self.ring = ring
+        reg = self.transport.register(ring.slots)
+        self.registrations.append(reg)
+        return reg
+
+    def drop_ring(self, reg: Registration) -> None:
+        assert self.transport is not None and self.ring is not None
+        self.transport.deregister(reg)
+        self.registrations.remove(reg)
+        self.ring.close()
+        self.ring = None
 
     @property
     def mem_type(self) -> str:
@@ -65,7 +86,13 @@ class RankMemory:
         return await asyncio.to_thread(run)
 
     def close(self) -> None:
+        """Deregister from NIXL first, then unmap: registered-but-unmapped memory leaked on every fallback."""
+        if self.transport is not None:
+            for reg in self.registrations:
+                self.transport.deregister(reg)
+        self.registrations.clear()
         if self.ring is not None:
             self.ring.close()
+            self.ring = None
         for r in self.regions:
             r.close()

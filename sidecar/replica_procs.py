@@ -79,21 +79,33 @@ class Replica:
 
     def __init__(self, name: str, checkpoint: str | Path, redis_url: str, work: Path, tp: int = 2,
                  model_id: str = "toy-llama", revision: str = "r1", extra_env: dict[str, str] | None = None,
-                 sidecar: bool = True, sidecar_timeout: float = 60.0, devices: str = "cpu") -> None:
+                 sidecar: bool = True, sidecar_timeout: float = 60.0, devices: str = "cpu",
+                 engine_args: list[str] | None = None) -> None:
         self.name = name
         self.tp = tp
         self.address = f"ipc://{work}/{name}.sock"
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "MX_ZMQ_ADDRESS": self.address, "MX_REDIS_URL": redis_url,
                "MX_METRICS_PORT": "0", "MX_METRICS_HOST": "127.0.0.1", "MX_TP_SIZE": str(tp),
-               **(extra_env or {})}
+               "MX_SIDECAR_TIMEOUT": str(sidecar_timeout), **(extra_env or {})}
         self.env = env
+        self._work = work
+        self._sidecars = 1
         self.engine = Proc(f"{name}-engine", [sys.executable, "-m", "runtime_hooks.toy_engine", "--checkpoint",
                                               str(checkpoint), "--tp", str(tp), "--model-id", model_id,
                                               "--revision", revision, "--sidecar-timeout", str(sidecar_timeout),
-                                              "--devices", devices],
+                                              "--devices", devices, *(engine_args or [])],
                            env, work)
         self.sidecar = Proc(f"{name}-sidecar", [sys.executable, "-m", "sidecar", "run"], env, work) if sidecar else None
         self._metrics_port: int | None = None
+
+    def new_sidecar(self, extra_env: dict[str, str] | None = None) -> Proc:
+        """A fresh sidecar process for the same engine (what Kubernetes does after the sidecar container died)."""
+        self._sidecars += 1
+        self._metrics_port = None
+        env = {**self.env, **(extra_env or {})}
+        self.sidecar = Proc(f"{self.name}-sidecar{self._sidecars}", [sys.executable, "-m", "sidecar", "run"], env,
+                            self._work)
+        return self.sidecar
 
     def engine_results(self, timeout: float = 60) -> dict[int, dict]:  # type: ignore[type-arg]
         out = {}

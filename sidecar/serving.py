@@ -14,12 +14,24 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from sidecar.auth import Keyring
 from sidecar.config import Config
 from sidecar.coordinator import Coordinator, CoordinatorUnavailable
 from sidecar.metrics import Metrics
 from sidecar.planner import chunk_plan
-from sidecar.protocol import PROTOCOL_VERSION, Bye, Done, Hello, ProtocolError, Ready, Welcome, encode
+from sidecar.protocol import (
+    MAX_HELLO_AGE_S,
+    PROTOCOL_VERSION,
+    Bye,
+    Done,
+    Hello,
+    ProtocolError,
+    Ready,
+    Welcome,
+    encode,
+)
 from sidecar.rank_memory import RankMemory
+from sidecar.transport import Transport
 
 log = logging.getLogger("mx.serving")
 
@@ -33,17 +45,41 @@ class _Session:
 
 
 class SourceServer:
-    def __init__(self, cfg: Config, model: str, coordinator: Coordinator | None, metrics: Metrics) -> None:
+    def __init__(self, cfg: Config, model: str, coordinator: Coordinator | None, metrics: Metrics,
+                 keys: Keyring) -> None:
         self._cfg = cfg
         self.model = model
         self._coord = coordinator
         self._m = metrics
+        self._keys = keys
         self._ranks: dict[int, RankMemory] = {}
         self._sessions: dict[tuple[str, str], _Session] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._seen: dict[str, float] = {}  # Hello session ids seen recently -> expiry (replay protection)
 
     def serve(self, ranks: dict[int, RankMemory]) -> None:
         self._ranks = ranks
+
+    def stop_serving(self) -> None:
+        """Withdrawn: refuse new readers and end the sessions in progress (their targets fall back)."""
+        self._ranks = {}
+        for t in list(self._tasks):
+            t.cancel()
+
+    def _fresh_hello(self, msg: Hello) -> str:
+        now = time.time()
+        self._seen = {k: exp for k, exp in self._seen.items() if exp > now}
+        if abs(now - msg.ts) > MAX_HELLO_AGE_S:
+            return f"Hello is {now - msg.ts:.0f}s old (replayed or clock skew > {MAX_HELLO_AGE_S:.0f}s)"
+        if msg.session in self._seen:
+            return "Hello of a session already seen (replayed)"
+        if len(self._seen) > 100_000:
+            return "too many recent sessions"
+        self._seen[msg.session] = now + 2 * MAX_HELLO_AGE_S
+        return ""
+
+    def _send(self, transport: Transport, peer: str, msg: Welcome | Ready) -> None:
+        transport.send(peer, encode(self._keys.sign_msg("peer", msg)))
 
     @property
     def active_sessions(self) -> int:
@@ -54,6 +90,11 @@ class SourceServer:
             key = (peer, msg.session)
             if key in self._sessions or len(self._sessions) >= 64:
                 log.warning("ignoring duplicate or excess Hello from %s", peer)
+                return
+            why = self._fresh_hello(msg)
+            if why:
+                log.warning("[model=%s role=source peer=%s] refused Hello: %s", self.model, peer, why)
+                self._m.auth_failures.labels(self.model, "peer", "replay").inc()
                 return
             s = self._sessions[key] = _Session(msg, peer)
             task = asyncio.get_running_loop().create_task(self._run(s))
@@ -88,19 +129,22 @@ class SourceServer:
             if rank.ring is None:
                 # Direct: the reader's READs need no work here over CMA/RDMA; the idle pump still drives
                 # UCX's progress for transports that need it. Polling tightly here measured slower on 2 cores.
-                transport.send(s.peer, encode(Welcome(PROTOCOL_VERSION, s.hello.session, True)))
+                self._send(transport, s.peer, Welcome(PROTOCOL_VERSION, s.hello.session, True))
                 await asyncio.wait_for(s.bye.wait(), self._cfg.transfer_timeout)
             else:
                 with transport.busy():
                     async with rank.ring.lock:
-                        transport.send(s.peer, encode(Welcome(PROTOCOL_VERSION, s.hello.session, True)))
+                        self._send(transport, s.peer, Welcome(PROTOCOL_VERSION, s.hello.session, True))
                         await self._feed_ring(s, rank)
             log.info("[model=%s role=source rank=%d peer=%s] served a reader", self.model, rank.rank, s.peer)
+        except asyncio.CancelledError:
+            result = "withdrawn"
+            raise
         except (ProtocolError, CoordinatorUnavailable) as e:
             result = "refused"
             log.warning("[model=%s role=source peer=%s] refused reader: %s", self.model, s.peer, e)
             if transport is not None and peer_name == s.peer:
-                transport.send(s.peer, encode(Welcome(PROTOCOL_VERSION, s.hello.session, False, str(e))))
+                self._send(transport, s.peer, Welcome(PROTOCOL_VERSION, s.hello.session, False, str(e)))
         except TimeoutError:
             result = "timeout"
             log.warning("[model=%s role=source peer=%s] reader stalled; session dropped", self.model, s.peer)
@@ -132,8 +176,8 @@ class SourceServer:
             if chunk.index >= nslots:
                 await wait_done(chunk.index - nslots)  # the slot is free only when its reader is done
             await ring.fill(chunk, rank.entry_addrs)
-            rank.transport.send(s.peer, encode(Ready(PROTOCOL_VERSION, s.hello.session, chunk.index,
-                                                     ring.slot_for(chunk))))
+            self._send(rank.transport, s.peer, Ready(PROTOCOL_VERSION, s.hello.session, chunk.index,
+                                                     ring.slot_for(chunk)))
         for chunk in chunks[-nslots:]:
             await wait_done(chunk.index)
         log.debug("rank %d: ring fed %d chunks in %.2fs", rank.rank, len(chunks), time.monotonic() - t0)

@@ -12,11 +12,13 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from sidecar.failpoints import Failpoints
 from sidecar.memory import Region
 
 log = logging.getLogger("mx.transport")
@@ -65,20 +67,27 @@ class Transport:
         log.info("NIXL agent %s (%s dev %d) created in %.2fs", name, mem_type, device_id, self.create_s)
 
     # -------------------------------------------------------------- memory
-    def register(self, regions: list[Region]) -> float:
-        """Register each region once (per allocation segment, not per tensor). Returns seconds taken."""
+    def register(self, regions: list[Region]) -> Registration:
+        """Register each region once (per allocation segment, not per tensor)."""
         regions = [r for r in regions if r.nbytes > 0]
         if not regions:
-            return 0.0
+            return Registration(None, 0, 0.0)
         t0 = time.monotonic()
         arr = np.array([(r.addr, r.nbytes, r.device_id) for r in regions], dtype=np.uint64)
-        self._reg.append(self.agent.register_memory(arr, self.mem_type))
-        self.registered_bytes += sum(r.nbytes for r in regions)
-        return time.monotonic() - t0
+        descs = self.agent.register_memory(arr, self.mem_type)
+        self._reg.append(descs)
+        n = sum(r.nbytes for r in regions)
+        self.registered_bytes += n
+        return Registration(descs, n, time.monotonic() - t0)
 
-    def deregister_last(self) -> None:
-        """Undo the latest register() (a staging ring that the mode probe found unnecessary)."""
-        self.agent.deregister_memory(self._reg.pop())
+    def deregister(self, reg: Registration) -> None:
+        """Undo one register(): before its memory is unmapped (a fallback re-import, a dropped ring)."""
+        if reg.descs is None or not any(d is reg.descs for d in self._reg):
+            return
+        self._reg = [d for d in self._reg if d is not reg.descs]
+        self.registered_bytes -= reg.nbytes
+        self.agent.deregister_memory(reg.descs)
+        reg.descs = None
 
     def metadata(self) -> bytes:
         return bytes(self.agent.get_agent_metadata())
@@ -126,12 +135,17 @@ class Transport:
             raise TransferError(f"notification to {peer} failed: {e}") from e
 
     # -------------------------------------------------------------- progress
-    def start(self, on_notif: Callable[[str, bytes], None]) -> None:
+    def start(self, on_notif: Callable[[str, bytes], None],
+              spawn: Callable[[str, Coroutine[Any, Any, None]], asyncio.Task[None]] | None = None,
+              failpoints: Failpoints | None = None) -> None:
+        """Start pumping notifications; `spawn` (the daemon's supervisor) makes a dead pump fatal."""
         self._on_notif = on_notif
-        self._pump = asyncio.get_running_loop().create_task(self._pump_notifs(), name=f"nixl-pump-{self.name}")
+        coro = self._pump_notifs(failpoints or Failpoints())
+        self._pump = spawn("nixl_pump", coro) if spawn else asyncio.get_running_loop().create_task(coro)
 
-    async def _pump_notifs(self) -> None:
+    async def _pump_notifs(self, fp: Failpoints) -> None:
         while True:
+            fp.hit("task.nixl_pump")
             notifs = self.agent.get_new_notifs()
             for peer, msgs in notifs.items():
                 for m in msgs:
@@ -149,13 +163,31 @@ class Transport:
         re = self.agent.get_xfer_descs(remote, remote_mem_type)
         try:
             handle = self.agent.initialize_xfer("READ", lo, re, peer, notif)
-            state = self.agent.transfer(handle)
         except Exception as e:
             raise TransferError(f"READ from {peer} failed to start: {e}") from e
+        try:
+            state = self.agent.transfer(handle)
+        except Exception as e:  # the handle exists: release it, or it leaks (seen on every failed start)
+            self._release(handle)
+            raise TransferError(f"READ from {peer} failed to start: {e}") from e
         if state == "ERR":
-            self.agent.release_xfer_handle(handle)
+            self._release(handle)
             raise TransferError(f"READ from {peer} failed to start")
         return handle
+
+    def cancel(self, handle: Any) -> bool:
+        """Abort an in-flight READ. True when NIXL released it (UCX cancels the request: nothing more lands)."""
+        try:
+            self.agent.release_xfer_handle(handle)
+            return True
+        except Exception as e:  # NIXL refuses to release a transfer it cannot abort
+            log.warning("cannot cancel an in-flight READ: %s", e)
+            return False
+
+    def disconnect(self, name: str) -> None:
+        """Drop a remote agent whatever its reference count: its endpoint closes and its requests fail."""
+        self._peers.pop(name, None)
+        self._drop(name)
 
     def poll(self, handle: Any) -> bool:
         """True when done; raises on error (a killed peer shows as NIXL_ERR_REMOTE_DISCONNECT)."""
@@ -190,6 +222,13 @@ class Transport:
             except Exception as e:
                 log.debug("deregister_memory: %s", e)
         self._reg.clear()
+
+
+@dataclass
+class Registration:
+    descs: Any
+    nbytes: int
+    seconds: float
 
 
 class _Busy:

@@ -20,7 +20,7 @@ def test_timeouts_of_zero_nan_or_garbage_are_rejected(value):
         Config.from_env({"MX_TRANSFER_TIMEOUT": value})
 
 
-@pytest.mark.parametrize("env", [{"MX_VERIFY": "maybe"}, {"MX_SOURCE_MODE": "fast"}, {"MX_STAGING_SLOT_BYTES": "0"},
+@pytest.mark.parametrize("env", [{"MX_VERIFY": "size"}, {"MX_SOURCE_MODE": "fast"}, {"MX_STAGING_SLOT_BYTES": "0"},
                                  {"MX_METRICS_PORT": "70000"}, {"MX_REDIS_URL": "http://x"},
                                  {"MX_ZMQ_ADDRESS": "/tmp/x.sock"}])
 def test_nonsense_values_are_rejected(env):

@@ -8,12 +8,16 @@ import time
 
 import redis
 
-from sidecar.protocol import decode_record
+from sidecar.protocol import decode_record, decode_sealed
+
+
+def _record(blob: bytes):  # type: ignore[no-untyped-def]
+    return decode_record(decode_sealed(blob).body)
 
 
 def _sources(url: str, prefix: str = "mx") -> list[str]:
     r = redis.Redis.from_url(url)
-    return [decode_record(r.get(k)).replica for k in r.scan_iter(f"{prefix}:*:src:*") if r.get(k)]
+    return [_record(r.get(k)).replica for k in r.scan_iter(f"{prefix}:*:src:*") if r.get(k)]
 
 
 def _metric(text: str, name: str, **labels: str) -> float:
@@ -210,12 +214,12 @@ def test_garbage_on_the_engine_socket_and_nixl_channel_is_rejected_and_the_sourc
     s.close()
     # 2. The sidecar's NIXL notification channel: a real agent sends garbage and a forged Hello.
     r = redis.Redis.from_url(redis_server.url)
-    rec = decode_record(r.get(next(iter(r.scan_iter("mx:*:src:*")))))
+    rec = _record(r.get(next(iter(r.scan_iter("mx:*:src:*")))))
     intruder = Transport("intruder", "DRAM", 0)
-    peer = intruder.add_peer(r.get(f"mx:agent:{rec.ranks[0].agent}"), rec.ranks[0].agent)
+    peer = intruder.add_peer(decode_sealed(r.get(f"mx:agent:{rec.ranks[0].agent}")).body, rec.ranks[0].agent)
     intruder.send(peer, b"\x00not msgpack")
-    intruder.send(peer, msgpack.packb({"type": "hello", "v": 1, "session": "s", "rank": 0, "reader": "nobody",
-                                       "layout_digest": "x"}))
+    intruder.send(peer, msgpack.packb({"type": "hello", "v": 2, "session": "s", "rank": 0, "reader": "nobody",
+                                       "layout_digest": "x", "ts": time.time()}))
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         intruder.agent.get_new_notifs()  # no progress thread: this drives the intruder's sends
@@ -270,9 +274,11 @@ def _tamper_record(url: str, edit) -> None:  # type: ignore[no-untyped-def]
 
     r = redis.Redis.from_url(url)
     key = next(iter(r.scan_iter("mx:*:src:*")))
-    rec = decode_record(r.get(key))
+    sealed = decode_sealed(r.get(key))
+    rec = decode_record(sealed.body)
     ranks = [edit(rank) for rank in rec.ranks]
-    r.set(key, encode(msgspec.structs.replace(rec, ranks=ranks)), keepttl=True)
+    body = encode(msgspec.structs.replace(rec, ranks=ranks))  # the MAC stays the old one: valid only without a key
+    r.set(key, encode(msgspec.structs.replace(sealed, body=body)), keepttl=True)
 
 
 def test_a_forged_record_that_would_write_past_a_tensor_is_refused_before_any_byte_moves(replicas, redis_server):
@@ -332,7 +338,7 @@ def test_a_target_sidecar_stopped_mid_receive_voids_the_bytes_and_the_engine_wai
         s.setsockopt(zmq.RCVTIMEO, 5000)
         s.setsockopt(zmq.LINGER, 0)
         s.connect(b.address.replace(".sock", "-0.sock"))
-        s.send(encode(Request(PROTOCOL_VERSION, 1, "ping")))
+        s.send(encode(Request(PROTOCOL_VERSION, 1, "ping", "test")))
         reply = decode_reply(s.recv())
         s.close()
         assert reply.state == "waiting", "the half-received bytes must be void, the engine blocked"

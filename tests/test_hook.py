@@ -69,7 +69,7 @@ def test_load_from_storage_exposes_shared_memory_holding_the_engines_bytes(hook)
     out = {}
     t = threading.Thread(target=lambda: out.setdefault("o", h.run_until_ready(30)))
     t.start()
-    r = _ask(s, encode(Request(PROTOCOL_VERSION, 2, "load_from_storage")))
+    r = _ask(s, encode(Request(PROTOCOL_VERSION, 2, "load_from_storage", "s1")))
     t.join(10)
     assert out["o"] == "loaded" and r.ok and r.state == "ready" and r.manifest.exposed
     by_name = {e.name: e for e in r.manifest.tensors}
@@ -82,8 +82,8 @@ def test_load_from_storage_exposes_shared_memory_holding_the_engines_bytes(hook)
     assert by_name["model.empty_scales"].nbytes == 0
     region.close()
     # Commands after the engine went on are refused, the hook keeps answering.
-    r2 = _ask(s, encode(Request(PROTOCOL_VERSION, 3, "prepare_target")))
-    assert not r2.ok and "no longer waiting" in r2.error
+    r2 = _ask(s, encode(Request(PROTOCOL_VERSION, 3, "prepare_target", "s1")))
+    assert not r2.ok and "prepare_target in state ready" in r2.error
 
 
 def test_without_a_sidecar_the_engine_loads_from_storage_after_the_timeout(hook):

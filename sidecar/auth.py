@@ -1,0 +1,101 @@
+"""The deployment key: HMAC-SHA256 over Redis values, peer messages and engine commands.
+
+Redis and the pod network are not trusted (DESIGN.md, trust model). Measured before this module:
+swapping two same-sized tensors' addresses and checksums in an unsigned record made a target release on
+swapped weights with "checksums match". With a key, everything a target relies on is authenticated;
+a writer without the key can make targets refuse or wait (then load from storage), never load wrong bytes.
+
+One key file (MX_AUTH_KEY_FILE, a Kubernetes Secret) per deployment; a sub-key per purpose, so a MAC
+made for one kind of message never verifies as another. Without a key everything still runs, loudly
+unauthenticated (log at start, `mx_records_authenticated 0`, `mx-sidecar status`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import stat
+from pathlib import Path
+
+import msgspec
+
+from sidecar.protocol import PROTOCOL_VERSION, ProtocolError, Sealed, decode_sealed, encode
+
+MIN_KEY_BYTES = 32
+PURPOSES = ("redis", "peer", "hook")
+
+
+class AuthError(ProtocolError):
+    """Input whose MAC is missing or wrong. `reason` is a bounded metric label."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{detail} ({reason})")
+        self.reason = reason
+
+
+class Keyring:
+    def __init__(self, key: bytes | None) -> None:
+        if key is not None and len(key) < MIN_KEY_BYTES:
+            raise ValueError(f"the deployment key must hold at least {MIN_KEY_BYTES} bytes")
+        self._sub = ({p: hmac.new(key, f"mx-auth/{p}".encode(), hashlib.sha256).digest() for p in PURPOSES}
+                     if key is not None else {})
+
+    @classmethod
+    def from_file(cls, path: str) -> Keyring:
+        """Empty path: no key. A key file readable by others than its owner is refused (it is a secret)."""
+        if not path:
+            return cls(None)
+        p = Path(path)
+        st = p.stat()  # FileNotFoundError names the path: a clear start-up error
+        if st.st_mode & stat.S_IWOTH:
+            raise ValueError(f"{path}: the deployment key file is world-writable")
+        key = p.read_bytes().strip()
+        return cls(key)
+
+    @classmethod
+    def from_env(cls) -> Keyring:
+        return cls.from_file(os.environ.get("MX_AUTH_KEY_FILE", ""))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._sub)
+
+    def mac(self, purpose: str, data: bytes) -> bytes:
+        if not self._sub:
+            return b""
+        return hmac.new(self._sub[purpose], data, hashlib.sha256).digest()
+
+    def check(self, purpose: str, data: bytes, mac: bytes, what: str) -> None:
+        """Raise AuthError unless `mac` authenticates `data` (always passes without a key)."""
+        if not self._sub:
+            return
+        if not mac:
+            raise AuthError("unsigned", f"{what} carries no MAC")
+        if not hmac.compare_digest(self.mac(purpose, data), mac):
+            raise AuthError("bad_signature", f"{what} has a wrong MAC")
+
+    # -------------------------------------------------------------- Redis values
+    def seal(self, kind: str, key: str, body: bytes) -> bytes:
+        return encode(Sealed(PROTOCOL_VERSION, kind, body, self.mac("redis", _sealed_input(kind, key, body))))
+
+    def unseal(self, kind: str, key: str, data: bytes, max_bytes: int) -> bytes:
+        s = decode_sealed(data, max_bytes)
+        if s.kind != kind:
+            raise ProtocolError(f"{key}: a {s.kind!r} value where a {kind!r} was expected")
+        self.check("redis", _sealed_input(kind, key, s.body), s.mac, f"Redis value {key}")
+        return s.body
+
+    # -------------------------------------------------------------- messages (peer and hook)
+    def sign_msg(self, purpose: str, msg: msgspec.Struct) -> msgspec.Struct:
+        if not self._sub:
+            return msg
+        return msgspec.structs.replace(msg, mac=self.mac(purpose, encode(msgspec.structs.replace(msg, mac=b""))))
+
+    def check_msg(self, purpose: str, msg: msgspec.Struct, what: str) -> None:
+        mac = getattr(msg, "mac", b"")
+        self.check(purpose, encode(msgspec.structs.replace(msg, mac=b"")), mac, what)
+
+
+def _sealed_input(kind: str, key: str, body: bytes) -> bytes:
+    return msgspec.msgpack.encode([kind, key]) + body

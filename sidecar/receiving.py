@@ -1,0 +1,119 @@
+"""Target: pull every rank from one source, fence, verify. The verdict is the caller's, given only after this
+returns, i.e. when no READ into engine memory is in flight (or FenceError made the process exit)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from sidecar.auth import AuthError, Keyring
+from sidecar.config import Config
+from sidecar.coordinator import Candidate, Coordinator, CoordinatorUnavailable
+from sidecar.engine import EngineRanks
+from sidecar.failpoints import Failpoints
+from sidecar.logs import Ctx
+from sidecar.metrics import Metrics
+from sidecar.peers import PeerRouter
+from sidecar.planner import PlanError
+from sidecar.protocol import ProtocolError
+from sidecar.pulling import FenceError, SourceFailed, Superseded, VerifyError, pull_rank, verify_rank
+from sidecar.rank_memory import RankMemory
+
+Result = Literal["ok", "verify_failed", "refused_layout", "refused_auth", "source_failed", "redis_down", "error"]
+
+
+@dataclass
+class Receiver:
+    cfg: Config
+    coord: Coordinator
+    router: PeerRouter
+    engine: EngineRanks
+    metrics: Metrics
+    log: Ctx
+    keys: Keyring
+    failpoints: Failpoints
+
+    async def receive_from(self, cand: Candidate, ranks: dict[int, RankMemory]) -> bool:
+        """True: every rank holds the source's bytes, verified. False: this source failed; nothing is in flight.
+
+        Raises FenceError (READs may still land: the caller must exit without a verdict) and Superseded (a rank is
+        no longer ours to write)."""
+        rec = cand.record
+        peer = rec.replica
+        model = self.engine.model
+        by_rank = {r.rank: r for r in rec.ranks}
+        t0 = time.monotonic()
+        result: Result = "ok"
+        counted = False
+        try:
+            if sorted(by_rank) != sorted(ranks) or len(by_rank) != len(rec.ranks):
+                raise PlanError(f"source serves ranks {sorted(by_rank)}, we need {sorted(ranks)}")
+            metas = {a: await self.coord.get_agent(a) for a in {r.agent for r in rec.ranks}}
+            await self.coord.reader_delta(self.engine.fp, peer, +1)
+            counted = True
+            total = sum(rm.manifest.total_bytes for rm in ranks.values())
+            self.log.info("pulling %.2f GB from %s (%s node)", total / 1e9, peer,
+                          "same" if cand.same_node else "other", peer=peer)
+            pulled = await self._pull_all(ranks, by_rank, metas)
+            moved = [n for n, _ in pulled]
+            await asyncio.gather(*(verify_rank(rm, by_rank[r], v, self.log)
+                                   for (r, rm), (_, v) in zip(ranks.items(), pulled, strict=True)))
+            dt = time.monotonic() - t0
+            gbps = sum(moved) / 1e9 / max(dt, 1e-9)
+            self.metrics.transfer_seconds.labels(model, "target").observe(dt)
+            self.metrics.last_gbps.labels(model, "target").set(gbps)
+            self.log.info("phase=receive %.2f GB in %.2fs (%.2f GB/s), every checksum verified", sum(moved) / 1e9,
+                          dt, gbps, peer=peer)
+            if gbps < self.cfg.slow_link_gbps and sum(moved) > 256 << 20:
+                self.log.warning("transfer ran at %.2f GB/s, below MX_SLOW_LINK_GBPS=%.2f: check UCX_TLS / the "
+                                 "fabric (UCX may have fallen back to TCP)", gbps, self.cfg.slow_link_gbps)
+            return True
+        except (FenceError, Superseded):
+            result = "error"
+            raise
+        except VerifyError as e:
+            result = "verify_failed"
+            self.log.error("verification failed: %s", e, peer=peer)
+        except AuthError as e:
+            result = "refused_auth"
+            self.log.warning("source refused before any byte moved: %s", e, peer=peer)
+        except (PlanError, ProtocolError) as e:
+            result = "refused_layout"
+            self.log.warning("source refused before any byte moved: %s", e, peer=peer)
+        except SourceFailed as e:
+            result = "source_failed"
+            self.log.warning("source failed: %s", e, peer=peer)
+        except CoordinatorUnavailable as e:
+            result = "redis_down"
+            self.metrics.redis_errors.labels(model, "receive").inc()
+            self.log.warning("Redis unavailable during receive: %s", e, peer=peer)
+        except Exception:  # a bug or an unforeseen NIXL error: counted and logged loudly, next candidate
+            result = "error"
+            self.log.exception("transfer failed unexpectedly", peer=peer)
+        finally:
+            self.metrics.transfers.labels(model, "target", result).inc()
+            if counted:
+                with contextlib.suppress(CoordinatorUnavailable):
+                    await self.coord.reader_delta(self.engine.fp, peer, -1)
+        return False
+
+    async def _pull_all(self, ranks: dict[int, RankMemory], by_rank: dict, metas: dict) -> list:  # type: ignore[type-arg]
+        tasks = [asyncio.ensure_future(pull_rank(self.cfg, rm, by_rank[r], metas[by_rank[r].agent], self.router,
+                                                 self.metrics, self.log, self.keys, self.engine.write_guard(r),
+                                                 self.failpoints))
+                 for r, rm in ranks.items()]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            # One rank failed: stop the others; each drains its READs in its own `finally` before anything else
+            # (a retry, a fallback load) touches engine memory. A sibling that cannot confirm its drain wins.
+            for t in tasks:
+                t.cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            for r in results:
+                if isinstance(r, FenceError):
+                    raise r from None
+            raise

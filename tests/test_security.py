@@ -1,0 +1,164 @@
+"""Attacks by a Redis writer and a pod on the network without the deployment key, through real processes.
+
+Each of these made a target release on wrong bytes, or let a stranger drive a source, before records and
+messages were authenticated (MX_AUTH_KEY_FILE). With the key they can only make a target refuse and load
+from storage: slower, never wrong."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+import redis
+
+from sidecar.auth import AuthError, Keyring
+from sidecar.protocol import PROTOCOL_VERSION, Hello, decode_record, decode_sealed, encode
+from tests.test_end_to_end import _assert_fell_back_to_storage, _metric
+
+
+@pytest.fixture
+def keyed(tmp_path: Path) -> dict[str, str]:
+    path = tmp_path / "deployment.key"
+    path.write_bytes(secrets.token_bytes(32))
+    os.chmod(path, 0o600)
+    return {"MX_AUTH_KEY_FILE": str(path), "MX_HEARTBEAT_INTERVAL": "5", "MX_SOURCE_TTL": "30"}
+
+
+def _rewrite(url: str, pattern: str, edit) -> None:  # type: ignore[no-untyped-def]
+    """A Redis writer without the key edits a sealed value's body (the old MAC stays)."""
+    r = redis.Redis.from_url(url)
+    key = next(iter(r.scan_iter(pattern)))
+    sealed = decode_sealed(r.get(key))
+    r.set(key, encode(msgspec.structs.replace(sealed, body=edit(sealed.body))), keepttl=True)
+
+
+def test_swapped_tensor_addresses_and_checksums_in_a_record_are_refused_before_any_byte_moves(replicas,
+                                                                                               redis_server, keyed):
+    # The measured attack: swap two same-sized tensors' source addresses and checksums (direct mode).
+    a = replicas("a", extra_env={**keyed, "MX_SOURCE_MODE": "direct"})
+    res_a = a.engine_results()
+    a.wait_serving()
+
+    def swap(body: bytes) -> bytes:
+        rec = decode_record(body)
+        ranks = []
+        for rank in rec.ranks:
+            e = rank.entries
+            i, j = next((i, j) for i in range(len(e)) for j in range(i + 1, len(e))
+                        if e[i].nbytes == e[j].nbytes > 0 and rank.checksums[i] != rank.checksums[j])
+            addrs, sums = list(rank.entry_addrs), list(rank.checksums)
+            addrs[i], addrs[j], sums[i], sums[j] = addrs[j], addrs[i], sums[j], sums[i]
+            ranks.append(msgspec.structs.replace(rank, entry_addrs=addrs, checksums=sums))
+        return encode(msgspec.structs.replace(rec, ranks=ranks))
+
+    _rewrite(redis_server.url, "mx:*:src:*", swap)
+    b = replicas("b", extra_env=keyed)
+    res_b = b.engine_results(timeout=60)
+    assert res_b[0]["outcome"] == res_b[1]["outcome"] == "loaded"
+    assert res_b[0]["digests"] == res_a[0]["digests"] and res_b[1]["digests"] == res_a[1]["digests"]
+    _, text = b.http("/metrics")
+    assert _metric(text, "mx_auth_failures_total", channel="redis", reason="bad_signature") >= 1
+    assert "mx_transfer_bytes_total{" not in text
+    assert _metric(text, "mx_records_authenticated") == 1
+
+
+def test_a_foreign_agent_advertised_for_a_source_is_refused(replicas, redis_server, keyed):
+    from sidecar.transport import Transport
+
+    a = replicas("a", extra_env=keyed)
+    res_a = a.engine_results()
+    a.wait_serving()
+    intruder = Transport("intruder-agent", "DRAM", 0)
+    try:
+        r = redis.Redis.from_url(redis_server.url)
+        rec = decode_record(decode_sealed(r.get(next(iter(r.scan_iter("mx:*:src:*"))))).body)
+        key = f"mx:agent:{rec.ranks[0].agent}"
+        # Sealed with a key the intruder made up: the MAC is well-formed and wrong.
+        r.set(key, Keyring(b"x" * 32).seal("agent", key, intruder.metadata()), keepttl=True)
+        b = replicas("b", extra_env=keyed)
+        _assert_fell_back_to_storage(b, res_a, "refused_auth")
+    finally:
+        intruder.close()
+
+
+def test_an_unsigned_peer_message_cannot_drive_a_source_and_it_keeps_serving(replicas, redis_server, keyed):
+    from sidecar.transport import Transport
+
+    a = replicas("a", extra_env=keyed)
+    res_a = a.engine_results()
+    a.wait_serving()
+    r = redis.Redis.from_url(redis_server.url)
+    rec = decode_record(decode_sealed(r.get(next(iter(r.scan_iter("mx:*:src:*"))))).body)
+    # The intruder got the agent metadata somehow (it is not secret from a Redis reader): it can talk, not drive.
+    meta = decode_sealed(r.get(f"mx:agent:{rec.ranks[0].agent}")).body
+    intruder = Transport("intruder", "DRAM", 0)
+    try:
+        peer = intruder.add_peer(meta, rec.ranks[0].agent)
+        intruder.send(peer, encode(Hello(PROTOCOL_VERSION, "s" * 32, 0, "intruder", "x", time.time())))
+        forged = Hello(PROTOCOL_VERSION, "t" * 32, 0, "intruder", "x", time.time(), mac=b"\x00" * 32)
+        intruder.send(peer, encode(forged))
+        deadline = time.monotonic() + 10
+        text = ""
+        while time.monotonic() < deadline:
+            intruder.agent.get_new_notifs()
+            _, text = a.http("/metrics")
+            if 'reason="bad_signature"' in text and 'reason="unsigned"' in text:
+                break
+            time.sleep(0.05)
+        assert _metric(text, "mx_auth_failures_total", channel="peer", reason="unsigned") >= 1
+        assert _metric(text, "mx_auth_failures_total", channel="peer", reason="bad_signature") >= 1
+        assert "mx_serve_sessions_total{" not in text, "no session may start from an unauthenticated Hello"
+    finally:
+        intruder.close()
+    b = replicas("b", extra_env=keyed)
+    res_b = b.engine_results()
+    assert res_b[0]["outcome"] == "received" and res_b[0]["digests"] == res_a[0]["digests"]
+
+
+def test_replicas_with_different_keys_never_copy_from_each_other(replicas, tmp_path, keyed):
+    a = replicas("a", extra_env=keyed)
+    a.engine_results()
+    a.wait_serving()
+    other = tmp_path / "other.key"
+    other.write_bytes(secrets.token_bytes(32))
+    b = replicas("b", extra_env={**keyed, "MX_AUTH_KEY_FILE": str(other)})
+    assert b.engine_results()[0]["outcome"] == "loaded"
+
+
+def test_a_sealed_value_moved_to_another_key_fails_like_a_forgery():
+    k = Keyring(b"q" * 32)
+    blob = k.seal("record", "mx:fp:src:a", b"body")
+    assert k.unseal("record", "mx:fp:src:a", blob, 1 << 20) == b"body"
+    for kind, key in (("record", "mx:fp:src:b"), ("record", "mx:other:src:a")):
+        with pytest.raises(AuthError):
+            k.unseal(kind, key, blob, 1 << 20)
+    with pytest.raises(AuthError, match="unsigned"):
+        k.unseal("record", "mx:fp:src:a", Keyring(None).seal("record", "mx:fp:src:a", b"body"), 1 << 20)
+
+
+def test_a_replayed_or_stale_hello_is_refused_by_the_source():
+    from sidecar.config import Config
+    from sidecar.metrics import Metrics
+    from sidecar.serving import SourceServer
+
+    srv = SourceServer(Config.from_env({}), "m", None, Metrics(), Keyring(None))
+    fresh = Hello(PROTOCOL_VERSION, "a" * 32, 0, "r", "d", time.time())
+    assert srv._fresh_hello(fresh) == ""
+    assert "replayed" in srv._fresh_hello(fresh)
+    assert "old" in srv._fresh_hello(Hello(PROTOCOL_VERSION, "b" * 32, 0, "r", "d", time.time() - 3600))
+
+
+def test_a_short_or_world_writable_key_file_is_refused(tmp_path):
+    short = tmp_path / "short"
+    short.write_bytes(b"x" * 8)
+    with pytest.raises(ValueError, match="at least"):
+        Keyring.from_file(str(short))
+    loose = tmp_path / "loose"
+    loose.write_bytes(b"x" * 32)
+    os.chmod(loose, 0o666)
+    with pytest.raises(ValueError, match="world-writable"):
+        Keyring.from_file(str(loose))
