@@ -364,6 +364,7 @@ async def _wait_for_source(cfg: Config, model: str, timeout: float, mem_types: s
         log.warning("no MX_AUTH_KEY_FILE: source records are read UNAUTHENTICATED (the SHA-256s then protect against "
                     "corruption, not against whoever can write Redis)")
     refused: list[str] = []
+    reported: set[str] = set()
     coord = Coordinator(connect_redis(cfg), cfg.redis_prefix, f"files-reader-{os.getpid()}", cfg.node_name,
                         cfg.source_ttl, cfg.max_message_bytes, cfg.max_metadata_bytes, keys,
                         lambda who, why: refused.append(f"{who} ({why})"))
@@ -382,10 +383,12 @@ async def _wait_for_source(cfg: Config, model: str, timeout: float, mem_types: s
                 if not redis_error:
                     log.warning("cannot read sources from Redis (%s); retrying", e)
                 redis_error = str(e)
-            if refused:
+            new = sorted(set(refused) - reported)
+            if new:  # logged once per record, not once per poll
                 log.warning("refused %d source records that are not sealed with this deployment key: %s",
-                            len(refused), ", ".join(refused[:3]))
-                refused.clear()
+                            len(new), ", ".join(new[:3]))
+                reported.update(new)
+            refused.clear()
             usable = [x for x in layouts if x.mem_type in mem_types]
             unusable.update(x.mem_type for x in layouts if x.mem_type not in mem_types)
             if usable:
@@ -404,6 +407,8 @@ async def _wait_for_source(cfg: Config, model: str, timeout: float, mem_types: s
                            f"loader cannot receive into with MX_TRTLLM_DEVICES={cfg.trtllm_devices})")
                 elif redis_error:
                     why = f" (Redis: {redis_error})"
+                elif reported:
+                    why = f" ({len(reported)} records refused: not sealed with this deployment key)"
                 raise SourceNotFound(f"Source not found for {model} after {timeout:.0f}s{why}")
             if now >= next_note:
                 log.info("Source not ready, waiting... (%ds / %ds)", now - t0, timeout)
