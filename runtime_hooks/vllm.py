@@ -5,6 +5,7 @@ vLLM calls `register()` in every process it starts (API/LLM process, engine core
 that builds the model ever uses the loader. A user adds `--load-format mx` and `MX_ZMQ_ADDRESS`.
 
 Per worker (TP rank r), inside `MxModelLoader.load_model`:
+  check that this vLLM has what the loader uses (`vllm_compat`; else vLLM's default loader reads storage) ->
   build the model without reading weights -> identity -> `RankHook` binds `<MX_ZMQ_ADDRESS>-<r>` ->
     source: vLLM's default loader reads storage, vLLM's `process_weights_after_loading`, expose;
     target: vLLM's dummy loader, the same post-processing (same layout), expose, wait for weights_ready,
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from runtime_hooks import vllm_compat
 from runtime_hooks.exposure import ModelIdentity
 
 if TYPE_CHECKING:
@@ -55,15 +57,22 @@ _hooks_lock = threading.Lock()
 
 
 def register() -> None:
-    """vLLM general plugin: register load format `mx`. Safe to call many times and in every process."""
+    """vLLM general plugin: register load format `mx`. Safe to call many times and in every process.
+
+    A vLLM that lacks what registering needs gets one log line (version, what is missing) and no `mx` format."""
     global _registered
     if _registered:
         return
+    _registered = True
+    _route_logs_to_vllm()
+    gone = vllm_compat.missing_for_register()
+    if gone:
+        log.warning("mx: %s; the mx load format is not registered (start vLLM without --load-format mx)",
+                    vllm_compat.describe_missing(gone))
+        return
     from vllm.model_executor.model_loader import register_model_loader
 
-    _route_logs_to_vllm()
     register_model_loader(LOAD_FORMAT)(loader_class())
-    _registered = True
 
 
 def _route_logs_to_vllm() -> None:
@@ -92,11 +101,9 @@ def loader_class() -> type:
 
 
 def _build_loader_class() -> type:
-    from vllm.config import ModelConfig, VllmConfig
     from vllm.config.load import LoadConfig
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
     from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
-    from vllm.utils.torch_utils import set_default_torch_dtype
 
     class MxModelLoader(BaseModelLoader):  # type: ignore[misc,valid-type]
         """Load format `mx`: weights from a live replica through the mx sidecar, else from storage."""
@@ -115,30 +122,44 @@ def _build_loader_class() -> type:
             )
             self.storage_loader = DefaultModelLoader(self.storage_config)
 
-        def download_model(self, model_config: ModelConfig) -> None:
+        def download_model(self, model_config: Any) -> None:
             self.storage_loader.download_model(model_config)
 
-        def load_weights(self, model: torch.nn.Module, model_config: ModelConfig) -> None:
+        def load_weights(self, model: torch.nn.Module, model_config: Any) -> None:
             """In-place reload of an already built model (vLLM's standalone API): from storage."""
             self.storage_loader.load_weights(model, model_config)
 
-        def load_model(
-            self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = ""
-        ) -> torch.nn.Module:
-            where: Any = self.load_config.device or vllm_config.device_config.device
-            device = torch.device(where)
-            dtype: Any = model_config.dtype  # resolved to a torch.dtype by vLLM before any loader runs
+        def load_model(self, vllm_config: Any, model_config: Any, prefix: str = "") -> torch.nn.Module:
+            gone = vllm_compat.missing_for_load() + vllm_compat.missing_in_config(vllm_config)
+            if gone:
+                log.warning("mx: %s; vLLM's default loader reads storage", vllm_compat.describe_missing(gone))
+                return self._default_load(vllm_config, model_config, prefix)
             why_not = _unsupported(vllm_config, model_config)
             if why_not:
                 log.warning("mx: %s; loading from storage without the sidecar", why_not)
-                return self.storage_loader.load_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
+                return self._default_load(vllm_config, model_config, prefix)
+            from vllm.utils.torch_utils import set_default_torch_dtype
+
+            where: Any = self.load_config.device or vllm_config.device_config.device
+            device = torch.device(where)
+            dtype: Any = model_config.dtype  # resolved to a torch.dtype by vLLM before any loader runs
 
             def build() -> torch.nn.Module:
                 with set_default_torch_dtype(dtype), device:
-                    return self.create_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
+                    return vllm_compat.create_model(self, vllm_config, model_config, prefix)  # type: ignore[no-any-return]
 
             t0 = time.monotonic()
-            adapter = VllmAdapter(build, vllm_config, model_config, self.storage_loader, device)
+            layers_before = set(vllm_config.compilation_config.static_forward_context)
+            try:
+                adapter = VllmAdapter(build, vllm_config, model_config, self.storage_loader, device)
+            except Exception as e:  # an API of this vLLM behaves unlike the tested ones: never take the engine down
+                log.warning("mx: vLLM %s: building the model for the sidecar failed (%s: %s); vLLM's default loader "
+                            "reads storage", vllm_compat.version(), type(e).__name__, e)
+                ctx = vllm_config.compilation_config.static_forward_context
+                for name in set(ctx) - layers_before:  # the half-built model's layers would clash with the next
+                    del ctx[name]
+                gc.collect()
+                return self._default_load(vllm_config, model_config, prefix)
             try:
                 hook = _start_hook(adapter)
             except Exception:
@@ -153,7 +174,22 @@ def _build_loader_class() -> type:
             log.info("mx: rank %d weights %s in %.2fs", adapter.rank, outcome, time.monotonic() - t0)
             return adapter.model.eval()
 
+        def _default_load(self, vllm_config: Any, model_config: Any, prefix: str) -> torch.nn.Module:
+            """vLLM's default loader, exactly as `--load-format auto` (or `storage_load_format`) would run it."""
+            model = self.storage_loader.load_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
+            _outcomes.setdefault(_tp_rank_or_zero(), "loaded_by_vllm")  # a draft model keeps the rank's outcome
+            return model  # type: ignore[no-any-return]
+
     return MxModelLoader
+
+
+def _tp_rank_or_zero() -> int:
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        return int(get_tensor_model_parallel_rank())
+    except Exception:
+        return 0
 
 
 def _unsupported(vllm_config: Any, model_config: Any) -> str:

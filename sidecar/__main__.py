@@ -15,7 +15,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mx-sidecar", description="GPU-to-GPU weight transfer sidecar")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("run", help="run the daemon for the engine at MX_ZMQ_ADDRESS")
-    sub.add_parser("status", help="list the live sources registered in MX_REDIS_URL")
+    st_p = sub.add_parser("status", help="the fleet in MX_REDIS_URL: models, sources, seeding, targets in flight")
+    st_p.add_argument("--model", help="only this model")
+    st_p.add_argument("--json", action="store_true", help="machine-readable (one object per line with --watch)")
+    st_p.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
+                      help="refresh every SECONDS (default 2) until interrupted")
     sub.add_parser("bench", help="CPU benchmark on this machine (as `make bench`)", add_help=False)
     sub.add_parser("demo", help="end-to-end demo on this machine (as `make demo`)", add_help=False)
     cfg_p = sub.add_parser("config", help="validate the MX_* environment and print it")
@@ -41,61 +45,29 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{k} = {redact_url(v) if k == 'redis_url' else v!r}")
         return 0
     if args.cmd == "status":
-        from redis.exceptions import RedisError
+        from redis.exceptions import RedisError  # the sidecar extra
 
+        from sidecar.fleet import status
         from sidecar.redis_client import describe_error
 
         try:
-            return asyncio.run(_status(cfg))
+            return asyncio.run(status(cfg, args.model, args.json, args.watch))
+        except KeyboardInterrupt:
+            return 0
         except (RedisError, OSError) as e:
             print(f"mx-sidecar: cannot read {redact_url(cfg.redis_url)}: {describe_error(e)}", file=sys.stderr)
             return 1
-        except ConfigError as e:
-            print(f"mx-sidecar: {e}", file=sys.stderr)
-            return 2
-    from sidecar.daemon import run_daemon
-
+    try:
+        from sidecar.daemon import run_daemon
+    except ImportError as e:  # the engine-side install has no Redis/NIXL/Prometheus client
+        print(f"mx-sidecar: {e}; the daemon needs the sidecar extra: pip install 'mx-sidecar[sidecar,nixl-cu13]'",
+              file=sys.stderr)
+        return 2
     try:
         return run_daemon(cfg)
     except ConfigError as e:  # e.g. a secret file that cannot be read
         print(f"mx-sidecar: {e}", file=sys.stderr)
         return 2
-
-
-async def _status(cfg: Config) -> int:
-    from sidecar.auth import AuthError, Keyring
-    from sidecar.coordinator import open_record
-    from sidecar.protocol import ProtocolError
-    from sidecar.redis_client import connect
-
-    keys = Keyring.from_file(cfg.auth_key_file)
-    auth = "authenticated with the deployment key" if keys.enabled else "UNAUTHENTICATED (no MX_AUTH_KEY_FILE)"
-    print(f"records: {auth}")
-    r = connect(cfg)
-    try:
-        found = 0
-        async for key in r.scan_iter(match=f"{cfg.redis_prefix}:*:src:*"):
-            blob = await r.get(key)
-            if blob is None:
-                continue
-            try:
-                rec = open_record(keys, key.decode(), blob if isinstance(blob, bytes) else blob.encode(),
-                                  cfg.max_message_bytes)
-            except AuthError as e:
-                print(f"{key.decode()}: REFUSED, not authenticated ({e.reason})")
-                continue
-            except ProtocolError as e:
-                print(f"{key.decode()}: unreadable ({e})")
-                continue
-            found += 1
-            modes = ",".join(sorted({x.mode for x in rec.ranks}))
-            print(f"{rec.model}  fingerprint={rec.fingerprint[:12]}  replica={rec.replica}  node={rec.node}  "
-                  f"ranks={len(rec.ranks)}  mode={modes}")
-        if not found:
-            print("no live sources")
-        return 0
-    finally:
-        await r.aclose()
 
 
 if __name__ == "__main__":

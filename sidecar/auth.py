@@ -23,7 +23,7 @@ import msgspec
 from sidecar.protocol import PROTOCOL_VERSION, ProtocolError, Sealed, decode_sealed, encode
 
 MIN_KEY_BYTES = 32
-PURPOSES = ("redis", "peer", "hook")
+PURPOSES = ("redis", "peer", "hook", "secret")
 
 
 class AuthError(ProtocolError):
@@ -76,14 +76,29 @@ class Keyring:
             raise AuthError("bad_signature", f"{what} has a wrong MAC")
 
     # -------------------------------------------------------------- Redis values
-    def seal(self, kind: str, key: str, body: bytes) -> bytes:
+    def seal(self, kind: str, key: str, body: bytes, secret: bool = False) -> bytes:
+        """`secret`: also encrypt (AES-GCM). NIXL agent metadata is: its holder can WRITE the agent's registered
+        memory, on CMA/TCP any address of the process (docs/SECURITY-NIXL.md), so a Redis reader must not get it."""
+        if secret and self._sub:
+            from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # sidecar extra: the hook needs no AES
+
+            nonce = os.urandom(12)
+            body = nonce + AESGCM(self._sub["secret"]).encrypt(nonce, body, _sealed_input(kind, key, b""))
         return encode(Sealed(PROTOCOL_VERSION, kind, body, self.mac("redis", _sealed_input(kind, key, body))))
 
-    def unseal(self, kind: str, key: str, data: bytes, max_bytes: int) -> bytes:
+    def unseal(self, kind: str, key: str, data: bytes, max_bytes: int, secret: bool = False) -> bytes:
         s = decode_sealed(data, max_bytes)
         if s.kind != kind:
             raise ProtocolError(f"{key}: a {s.kind!r} value where a {kind!r} was expected")
         self.check("redis", _sealed_input(kind, key, s.body), s.mac, f"Redis value {key}")
+        if secret and self._sub:
+            from cryptography.exceptions import InvalidTag
+            from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+            try:
+                return AESGCM(self._sub["secret"]).decrypt(s.body[:12], s.body[12:], _sealed_input(kind, key, b""))
+            except InvalidTag:
+                raise AuthError("bad_signature", f"Redis value {key} does not decrypt") from None
         return s.body
 
     # -------------------------------------------------------------- messages (peer and hook)

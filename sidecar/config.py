@@ -106,6 +106,15 @@ def _text(raw: str) -> str:
     return raw.strip()
 
 
+def _readable_file(raw: str) -> str:
+    path = raw.strip()
+    if not os.path.isfile(path):
+        raise ValueError("no such file (mount the Secret there, or leave the setting empty)")
+    if not os.access(path, os.R_OK):
+        raise ValueError("the file is not readable by this user")
+    return path
+
+
 def _devices(raw: str) -> str:
     v = raw.strip().lower()
     if v in ("auto", "cpu", "cuda"):
@@ -129,15 +138,6 @@ def _args(raw: str) -> str:
     except ValueError as e:
         raise ValueError(f"must be shell-quoted arguments: {e}") from None
     return raw.strip()
-
-
-def _readable_file(raw: str) -> str:
-    path = raw.strip()
-    if not os.path.isfile(path):
-        raise ValueError("no such file (mount the Secret there, or leave the setting empty)")
-    if not os.access(path, os.R_OK):
-        raise ValueError("the file is not readable by this user")
-    return path
 
 
 def _nonempty(raw: str) -> str:

@@ -17,6 +17,7 @@ counts are not sealed: forging them can only make a target wait, try a dead sour
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +51,11 @@ class _RecordHead(msgspec.Struct):
 _head_decoder = msgspec.msgpack.Decoder(_RecordHead)
 
 
+# Members of a sources set looked at per choice: a set flooded by a Redis writer cannot stall a start-up.
+MAX_SOURCE_MEMBERS = 256
+MAX_REPLICA_ID_CHARS = 200
+
+
 class CoordinatorUnavailable(RuntimeError):
     """Redis could not be reached: distinct from 'no source' in metrics and logs."""
 
@@ -64,16 +70,18 @@ class Candidate:
 def _fresh(beat: bytes, now: float) -> bool:
     try:
         ts, ttl = (float(x) for x in beat.split())
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, TypeError, AttributeError, UnicodeDecodeError):  # garbage, or not a string value
         return False
-    return now - ts <= ttl
+    # "inf"/"nan" parse as floats: an infinite timestamp or TTL would make a record fresh forever
+    return math.isfinite(ts) and math.isfinite(ttl) and ttl > 0 and now - ts <= ttl
 
 
-def _count(raw: bytes | None) -> int:
+def _count(value: object) -> int:
+    """A readers counter as Redis holds it; garbage counts as no readers (it only orders candidates)."""
     try:
-        return max(0, int(raw or 0))
-    except (ValueError, UnicodeDecodeError):
-        return 1 << 30  # garbage: sort it last rather than trust it
+        return max(0, int(value or 0))  # type: ignore[call-overload]
+    except (ValueError, TypeError):
+        return 0
 
 
 def open_record(keys: Keyring, key: str, blob: bytes, max_bytes: int) -> SourceRecord:
@@ -123,12 +131,13 @@ class Coordinator:
 
     async def seeder(self, fp: str) -> str | None:
         v = await self._call("seeder", self._r.get(self._k(fp, "seed")))
-        return v.decode() if v else None
+        return v.decode(errors="replace")[:MAX_REPLICA_ID_CHARS] if v else None  # only ever logged
 
     # -------------------------------------------------------------- agents
     async def put_agent(self, name: str, metadata: bytes) -> None:
         key = f"{self._p}:agent:{name}"
-        await self._call("put_agent", self._r.set(key, self._keys.seal("agent", key, metadata), px=self._ttl_ms))
+        await self._call("put_agent", self._r.set(key, self._keys.seal("agent", key, metadata, secret=True),
+                                                   px=self._ttl_ms))
 
     async def get_agent(self, name: str) -> bytes:
         """The agent's NIXL metadata; AuthError if its seal is missing or wrong (a foreign agent)."""
@@ -139,7 +148,7 @@ class Coordinator:
         if len(blob) > self._max_meta + 1024:
             raise ProtocolError(f"agent metadata of {len(blob)} bytes exceeds {self._max_meta}")
         try:
-            return self._keys.unseal("agent", key, bytes(blob), self._max_meta + 1024)
+            return self._keys.unseal("agent", key, bytes(blob), self._max_meta + 1024, secret=True)
         except AuthError as e:
             self._on_auth_fail(name, e.reason)
             raise
@@ -183,14 +192,20 @@ class Coordinator:
         members = await self._call("sources", self._r.smembers(self._k(fp, "sources")))
         out: list[Candidate] = []
         now = time.time()
-        for m in members:
+        for m in list(members)[:MAX_SOURCE_MEMBERS]:
             try:
                 rid = m.decode()
             except UnicodeDecodeError:
+                rid = ""
+            if not rid or len(rid) > MAX_REPLICA_ID_CHARS:
+                log.warning("ignoring a sources member that is no replica id: %r", m[:80])
                 continue
-            if rid == self.replica_id or not rid or ":" in rid:
+            if rid == self.replica_id or ":" in rid:
                 continue
             hb, blob, readers = await self._call("source", self._get3(fp, rid))
+            if any(isinstance(x, Exception) for x in (hb, blob, readers)):  # e.g. WRONGTYPE: not string values
+                log.warning("ignoring source %s: its keys hold values of another type", rid)
+                continue
             if hb is None or blob is None:
                 await self._call("prune", self._r.srem(self._k(fp, "sources"), rid))
                 continue
@@ -215,23 +230,23 @@ class Coordinator:
         """Fresh sources of every fingerprint whose record names `model`. Read-only.
 
         For file-level targets (runtime_hooks/file_publish.py), which learn the fingerprint from the source's
-        record. A SCAN over `P:*:src:*`; the model name is read from the unverified body only to skip other
-        models' records, a match is opened (seal checked) like in `live_sources`. A `P:model:M` index would make
-        the lookup O(1).
+        record. A SCAN over `P:*:src:*`: fine for tens of models; a `P:model:M` index would make it O(1).
         """
         out: list[Candidate] = []
         now = time.time()
         try:
             keys = [k.decode() async for k in self._r.scan_iter(match=f"{self._p}:*:src:*", count=1000)]
         except (RedisError, OSError) as e:
-            raise CoordinatorUnavailable(f"redis scan: {describe_error(e)}") from e
+            raise CoordinatorUnavailable(f"redis scan: {e}") from e
         for key in keys:
             parts = key.split(":")
-            if len(parts) != 4 or not parts[3]:
+            if len(parts) != 4:
                 continue
             fp, rid = parts[1], parts[3]
             hb, blob, readers = await self._call("source", self._get3(fp, rid))
-            if hb is None or blob is None or not _fresh(hb, now):
+            if any(isinstance(x, Exception) for x in (hb, blob, readers)):  # e.g. WRONGTYPE: not string values
+                continue
+            if hb is None or blob is None or not _fresh(hb, now) or len(blob) > self._max_record:
                 continue
             try:
                 if _head_decoder.decode(decode_sealed(blob, self._max_record).body).model != model:
@@ -255,7 +270,7 @@ class Coordinator:
         pipe.get(self._k(fp, "hb", rid))
         pipe.get(self._k(fp, "src", rid))
         pipe.get(self._k(fp, "readers", rid))
-        return await pipe.execute()
+        return await pipe.execute(raise_on_error=False)  # a wrong-typed key filters this source, not the choice
 
     async def reader_delta(self, fp: str, rid: str, delta: int) -> None:
         key = self._k(fp, "readers", rid)

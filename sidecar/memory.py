@@ -41,6 +41,10 @@ class MemoryOps(Protocol):
 
     def checksum(self, addr: int, nbytes: int) -> str: ...
 
+    def checksum_many(self, items: Sequence[tuple[int, int]]) -> list[str]:
+        """checksum() of each (addr, nbytes); on a GPU in one batched launch."""
+        ...
+
 
 class ShmRegion:
     """A POSIX shm file mapped read-write; only [offset, offset+nbytes) belongs to the engine's tensors."""
@@ -111,6 +115,9 @@ class CpuOps:
         if nbytes == 0:
             return "xxh3:0"
         return "xxh3:" + xxhash.xxh3_64_hexdigest(_view(addr, nbytes))
+
+    def checksum_many(self, items: Sequence[tuple[int, int]]) -> list[str]:
+        return [self.checksum(a, n) for a, n in items]  # xxhash drops the GIL per call; no launches to batch
 
 
 def import_handle(h: Handle) -> Region:

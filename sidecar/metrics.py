@@ -1,7 +1,9 @@
 """Prometheus metrics and the HTTP endpoints /metrics, /healthz, /readyz.
 
 Each daemon owns its registry (no process-global state, so tests can run several). Labels stay
-bounded: model, rank, role, result, phase; never a process id or a peer name.
+bounded: model, rank, role, result, phase; never a process id or a peer name. Names follow Prometheus'
+conventions (base units: bytes, seconds; `_total` on counters), checked by `promtool check metrics` in the tests;
+the alerts and the dashboard in deploy/monitoring/ use exactly these names.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class Metrics:
         self.transfer_seconds = Histogram(
             "mx_transfer_duration_seconds", "Wall time of one rank's transfer", ["model", "role"], registry=r,
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160, 320, 640))
-        self.last_gbps = Gauge("mx_last_transfer_gbps", "Throughput of the last transfer (GB/s, 1e9 bytes)",
+        self.last_rate = Gauge("mx_last_transfer_bytes_per_second", "Throughput of the last receive (all ranks)",
                                ["model", "role"], registry=r)
         self.transfers = Counter("mx_transfers", "Transfers by outcome", ["model", "role", "result"], registry=r)
         self.role = Gauge("mx_role", "1 for the replica's current role", ["model", "role"], registry=r)
@@ -57,12 +59,16 @@ class Metrics:
                                    ["model", "reason"], registry=r)
         self.fence_failures = Counter("mx_fence_failures", "Attempts whose READs could not be confirmed finished "
                                       "(the process exits with the engine blocked)", ["model"], registry=r)
+        self.source_published = Gauge("mx_source_published",
+                                      "1 while this replica's source record is published in Redis", ["model"],
+                                      registry=r)
         self.ready = False
         self.healthy = True
 
     def set_role(self, model: str, role: str) -> None:
         for r in ROLES:
             self.role.labels(model, r).set(1 if r == role else 0)
+        self.source_published.labels(model)  # 0 until published: "no live source" needs the zero
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -38,6 +38,11 @@ class ProtocolError(ValueError):
     """A message that must not be acted on: malformed, oversized, wrong version, unexpected."""
 
 
+# What msgspec raises besides DecodeError on hostile input (found by tests/test_fuzz_*.py): RecursionError for deep
+# nesting (even inside a field it skips), UnicodeDecodeError for a map key that is not UTF-8.
+_DECODE_ERRORS = (msgspec.DecodeError, RecursionError, UnicodeDecodeError)
+
+
 class ShmHandle(msgspec.Struct, tag="shm", frozen=True):
     """A POSIX shared memory file under /dev/shm: `nbytes` of data start `offset` bytes into it."""
 
@@ -139,7 +144,7 @@ def _check_frame(data: bytes, max_bytes: int) -> None:
         raise ProtocolError(f"message of {len(data)} bytes exceeds the limit of {max_bytes}")
     try:
         env = _envelope_decoder.decode(data)
-    except msgspec.DecodeError as e:
+    except _DECODE_ERRORS as e:
         raise ProtocolError(f"malformed message: {e}") from None
     if env.v != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {env.v} is not supported (this side speaks {PROTOCOL_VERSION})")
@@ -149,7 +154,7 @@ def decode_request(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> R
     _check_frame(data, max_bytes)
     try:
         return _request_decoder.decode(data)
-    except msgspec.DecodeError as e:
+    except _DECODE_ERRORS as e:
         raise ProtocolError(f"malformed request: {e}") from None
 
 
@@ -157,7 +162,7 @@ def decode_reply(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Rep
     _check_frame(data, max_bytes)
     try:
         reply = _reply_decoder.decode(data)
-    except msgspec.DecodeError as e:
+    except _DECODE_ERRORS as e:
         raise ProtocolError(f"malformed reply: {e}") from None
     if reply.manifest is not None:
         validate_manifest(reply.manifest)
@@ -274,7 +279,7 @@ def decode_peer(data: bytes) -> PeerMsg:
     _check_frame(data, MAX_PEER_MESSAGE_BYTES)
     try:
         msg: PeerMsg = _peer_decoder.decode(data)
-    except msgspec.DecodeError as e:
+    except _DECODE_ERRORS as e:
         raise ProtocolError(f"malformed peer message: {e}") from None
     if not msg.session or len(msg.session) > MAX_SESSION_CHARS:
         raise ProtocolError("peer message without a valid session id")
@@ -340,7 +345,7 @@ def decode_record(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> So
     _check_frame(data, max_bytes)
     try:
         rec = _record_decoder.decode(data)
-    except msgspec.DecodeError as e:
+    except _DECODE_ERRORS as e:
         raise ProtocolError(f"malformed source record: {e}") from None
     for r in rec.ranks:
         if r.checksums and len(r.checksums) != len(r.entries):

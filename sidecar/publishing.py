@@ -92,6 +92,7 @@ class Publisher:
             await self.agents.put_all(self.coord)
             await self.coord.publish(self._record, self.agents.names())
             self.published = True
+            self.metrics.source_published.labels(model).set(1)
         except CoordinatorUnavailable as e:
             self.metrics.redis_errors.labels(model, "publish").inc()
             self.log.warning("cannot publish yet (Redis unavailable: %s); the heartbeat retries", e)
@@ -154,6 +155,7 @@ class Publisher:
         self.server.stop_serving()  # now: no new reader, sessions in progress end
         self.metrics.withdrawals.labels(self.engine.model, reason).inc()
         self.metrics.set_role(self.engine.model, "withdrawn")
+        self.metrics.source_published.labels(self.engine.model).set(0)
         self.log.warning("withdrawing as a source: %s", detail)
         self._withdrawing = asyncio.get_running_loop().create_task(self._withdraw_record())
 
@@ -184,6 +186,7 @@ class Publisher:
                     assert self._record is not None
                     await self.coord.publish(self._record, self.agents.names())
                     self.published = True
+                    self.metrics.source_published.labels(self.engine.model).set(1)
                 beat_fail_logged = False
             except CoordinatorUnavailable as e:
                 self.metrics.redis_errors.labels(self.engine.model, "heartbeat").inc()

@@ -64,7 +64,7 @@ class Receiver:
             dt = time.monotonic() - t0
             gbps = sum(moved) / 1e9 / max(dt, 1e-9)
             self.metrics.transfer_seconds.labels(model, "target").observe(dt)
-            self.metrics.last_gbps.labels(model, "target").set(gbps)
+            self.metrics.last_rate.labels(model, "target").set(gbps * 1e9)
             self.log.info("phase=receive %.2f GB in %.2fs (%.2f GB/s), every checksum verified", sum(moved) / 1e9,
                           dt, gbps, peer=peer)
             if gbps < self.cfg.slow_link_gbps and sum(moved) > 256 << 20:

@@ -99,7 +99,8 @@ def test_metrics_expose_transfer_figures_after_a_transfer(replicas):
     assert _metric(text, "mx_transfer_bytes_total", role="target", rank="1") == res[1]["bytes"]
     assert _metric(text, "mx_transfers_total", role="target", result="ok") == 1
     assert _metric(text, "mx_transfer_duration_seconds_count", role="target") == 1
-    assert _metric(text, "mx_last_transfer_gbps", role="target") > 0
+    assert _metric(text, "mx_last_transfer_bytes_per_second", role="target") > 0
+    assert _metric(text, "mx_source_published") == 1
     assert _metric(text, "mx_role", role="serving") == 1 and _metric(text, "mx_role", role="target") == 0
     assert _metric(text, "mx_sources_visible") == 1
     assert _metric(text, "mx_registered_bytes", kind="engine") >= total

@@ -93,8 +93,9 @@ def test_an_unsigned_peer_message_cannot_drive_a_source_and_it_keeps_serving(rep
     a.wait_serving()
     r = redis.Redis.from_url(redis_server.url)
     rec = decode_record(decode_sealed(r.get(next(iter(r.scan_iter("mx:*:src:*"))))).body)
-    # The intruder got the agent metadata somehow (it is not secret from a Redis reader): it can talk, not drive.
-    meta = decode_sealed(r.get(f"mx:agent:{rec.ranks[0].agent}")).body
+    # The intruder got the agent metadata somehow (a leak: it is encrypted in Redis): it can talk, not drive.
+    key = f"mx:agent:{rec.ranks[0].agent}"
+    meta = Keyring.from_file(keyed["MX_AUTH_KEY_FILE"]).unseal("agent", key, r.get(key), 1 << 24, secret=True)
     intruder = Transport("intruder", "DRAM", 0)
     try:
         peer = intruder.add_peer(meta, rec.ranks[0].agent)
@@ -162,3 +163,23 @@ def test_a_short_or_world_writable_key_file_is_refused(tmp_path):
     os.chmod(loose, 0o666)
     with pytest.raises(ValueError, match="world-writable"):
         Keyring.from_file(str(loose))
+
+
+def test_with_a_key_a_redis_reader_cannot_load_a_sidecars_nixl_metadata(replicas, redis_server, keyed):
+    # Whoever holds an agent's metadata can WRITE its registered memory (docs/SECURITY-NIXL.md): with a key it is
+    # encrypted in Redis, so reading Redis no longer hands out the means to reach engine memory.
+    from sidecar.transport import TransferError, Transport
+
+    a = replicas("a", extra_env=keyed)
+    a.engine_results()
+    a.wait_serving()
+    r = redis.Redis.from_url(redis_server.url)
+    rec = decode_record(decode_sealed(r.get(next(iter(r.scan_iter("mx:*:src:*"))))).body)
+    body = decode_sealed(r.get(f"mx:agent:{rec.ranks[0].agent}")).body
+    assert rec.ranks[0].agent.encode() not in body
+    intruder = Transport("intruder", "DRAM", 0)
+    try:
+        with pytest.raises((TransferError, ValueError)):
+            intruder.add_peer(body, rec.ranks[0].agent)
+    finally:
+        intruder.close()

@@ -16,7 +16,8 @@ Figures, each measured here:
   startup   target sidecar: NIXL agent creation, handle import, registration (metrics), for 1000+ tensors
 
 Writes $OUT/bench.json and $OUT/bench.md; sidecar/engine logs to $OUT/bench_logs.txt (tails).
-Usage: python tests/gpu/gpu_bench.py     (MX_BENCH_MODE=auto|staged|direct, default auto)
+Usage: python tests/gpu/gpu_bench.py     (MX_BENCH_MODE=auto|staged|direct, default auto; MX_BENCH_STEPS=a,b to run
+       only those steps: one GPU gets UCX TCP emulation, so `peer` and `owned` say nothing there)
 """
 
 from __future__ import annotations
@@ -300,7 +301,10 @@ def main() -> int:
         ("disk_warm", lambda: run_sub("disk", work / "ckpt", dst, 0)),
         ("pipeline", lambda: pipeline(work / "ckpt", src, dst, work)),
     ]
+    only = [x for x in os.environ.get("MX_BENCH_STEPS", "").split(",") if x]  # e.g. "checkpoint,disk_cold,pipeline"
     for name, fn in steps:
+        if only and name not in only:
+            continue
         t0 = time.perf_counter()
         try:
             rep[name] = fn()

@@ -1,28 +1,75 @@
 #!/usr/bin/env bash
-# GPU check, run on a GPU machine from the repository root (e.g. through the device tool, carrying .whl, which
-# tests/gpu/fetch_wheels.sh fills). Results land in $OUT (default .gpu-out):
+# GPU check, run on a GPU machine from the repository root (e.g. through the device tool). Results land in $OUT
+# (default .gpu-out):
 #   check.txt      machine, GPU tests, IPC/NIXL check summary, the UCX protocols chosen
 #   ipc_nixl.json  the IPC + staging + NIXL check (numbers, mismatches, regprobe matrix)
 #   bench.md/.json the benchmark (bench modes)
+#   levers.json    CUDA IPC import and device checksum costs, before/after (levers mode)
+#   vllm_gpu.json  vLLM with --load-format mx: plain, source and target replicas on one GPU (vllm mode)
 #   logs.tgz       everything else (full stderr with UCX_PROTO_INFO tables, sidecar and engine logs)
 #
 #   bash tests/gpu/run_device.sh             # GPU tests + IPC/NIXL check (1 GPU or more)
 #   bash tests/gpu/run_device.sh bench       # + the full benchmark (2 GPUs: source GPU0, target GPU1)
-#   bash tests/gpu/run_device.sh bench-only  # the benchmark alone
+#   bash tests/gpu/run_device.sh bench-only  # the benchmark alone (MX_BENCH_CFG, MX_BENCH_STEPS to choose)
 #   bash tests/gpu/run_device.sh smoke       # check + a small benchmark (one GPU is enough)
+#   bash tests/gpu/run_device.sh levers      # import + checksum levers (torch and msgspec only)
+#   bash tests/gpu/run_device.sh vllm        # GPU tests + the vLLM check (needs every carried part)
+#   bash tests/gpu/run_device.sh take        # only move the carried part(s) aside (a call that carries one part)
+#
+# What the machine lacks comes as .whl/*.whl (tests/gpu/fetch_wheels.sh) or, with vLLM, as parts of one tar.xz
+# (fetch_wheels.sh pack): each call carries one folder $MX_CARRY/pN (default .gpu-carry); every mode first moves the
+# parts it finds to /tmp/mx-parts (kept while the machine stays warm), and once all parts named in SHA256SUMS are
+# there, checks and unpacks them into /tmp/site.
 set -uo pipefail
 MODE=${1:-check}
 OUT=${OUT:-$PWD/.gpu-out}
 RAW=$OUT/raw
-mkdir -p "$RAW"
+CARRY=${MX_CARRY:-.gpu-carry}
+PARTS=/tmp/mx-parts
+mkdir -p "$RAW" "$PARTS"
 export OUT PYTHONUNBUFFERED=1
 # Never use NVLink multicast on shared hosts (see the device notes).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 SUMMARY=$OUT/check.txt
+PIPI=(python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --disable-pip-version-check)
 
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "wheel install failed"; exit 2; }
+take_parts() {
+  local d
+  for d in "$CARRY"/p*; do
+    [ -d "$d" ] || continue
+    cp -f "$d"/part-* "$d"/SHA256SUMS "$PARTS"/ 2>/dev/null
+    if ls "$d"/*.whl >/dev/null 2>&1; then "${PIPI[@]}" --target /tmp/site "$d"/*.whl || return 1; fi
+  done
+  echo "parts here: $(cd "$PARTS" && ls part-* 2>/dev/null | tr '\n' ' ')"
+}
+
+unpack_parts() {  # all parts present -> /tmp/site (once per warm machine)
+  [ -f /tmp/site/.mx-unpacked ] && return 0
+  [ -f "$PARTS/SHA256SUMS" ] || return 1
+  local p
+  for p in $(awk '{print $2}' "$PARTS/SHA256SUMS"); do [ -f "$PARTS/${p##*/}" ] || { echo "missing ${p##*/}"; return 1; }; done
+  (cd "$PARTS" && sed 's#p[0-9]*/##' SHA256SUMS | sha256sum -c --quiet -) || { echo "part checksum mismatch"; return 1; }
+  local t0=$SECONDS
+  local unxz=(xz -d)
+  command -v xz >/dev/null || unxz=(python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)')
+  cat $(awk '{print $2}' "$PARTS/SHA256SUMS" | sed "s#.*/#$PARTS/#") | "${unxz[@]}" | tar -x -C /tmp || return 1
+  # The plugin's entry point (pyproject: vllm.general_plugins), without installing the package: its code is the
+  # working tree's, on PYTHONPATH.
+  mkdir -p /tmp/site/mx_sidecar-0.0.0.dist-info
+  printf 'Metadata-Version: 2.1\nName: mx-sidecar\nVersion: 0.0.0\n' > /tmp/site/mx_sidecar-0.0.0.dist-info/METADATA
+  printf '[vllm.general_plugins]\nmx = runtime_hooks.vllm:register\n' > /tmp/site/mx_sidecar-0.0.0.dist-info/entry_points.txt
+  touch /tmp/site/.mx-unpacked
+  echo "unpacked $(du -sh /tmp/site | cut -f1) in $((SECONDS - t0)) s"
+}
+
+take_parts || { echo "taking the carried parts failed"; exit 2; }
+[ "$MODE" = take ] && exit 0
+if unpack_parts; then
+  export PYTHONPATH=/tmp/site:$PWD
+elif ls .whl/*.whl >/dev/null 2>&1; then
+  "${PIPI[@]}" --target /tmp/site .whl/*.whl || { echo "wheel install failed"; exit 2; }
+  export PYTHONPATH=/tmp/site:$PWD
+elif [ -d /tmp/site ]; then
   export PYTHONPATH=/tmp/site:$PWD
 else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -36,11 +83,22 @@ fi
 } 2>&1 | tee "$SUMMARY"
 
 rc=0
-if [ "$MODE" != "bench-only" ]; then
+if [ "$MODE" = levers ]; then
+  echo "== levers: CUDA IPC import and device checksums" | tee -a "$SUMMARY"
+  timeout 400 python3 tests/gpu/levers_bench.py > "$RAW/levers.txt" 2>&1 || rc=1
+  tail -60 "$RAW/levers.txt" | tee -a "$SUMMARY"
+fi
+if [ "$MODE" = vllm ]; then
+  echo "== vLLM with --load-format mx on the GPU" | tee -a "$SUMMARY"
+  timeout 480 python3 tests/gpu/vllm_gpu_check.py > "$RAW/vllm.txt" 2>&1 || rc=1
+  tail -40 "$RAW/vllm.txt" | tee -a "$SUMMARY"
+fi
+if [ "$MODE" = check ] || [ "$MODE" = bench ] || [ "$MODE" = smoke ] || [ "$MODE" = vllm ]; then
   echo "== GPU tests" | tee -a "$SUMMARY"
   timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu 2>&1 | tail -40 | tee -a "$SUMMARY"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
-
+fi
+if [ "$MODE" = check ] || [ "$MODE" = bench ] || [ "$MODE" = smoke ]; then
   echo "== IPC + staging + NIXL check" | tee -a "$SUMMARY"
   timeout 300 python3 tests/gpu/ipc_nixl_check.py --layers "${MX_CHECK_LAYERS:-16}" \
     > "$RAW/ipc_nixl_stdout.txt" 2> "$RAW/ipc_nixl_stderr.txt"

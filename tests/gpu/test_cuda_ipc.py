@@ -106,6 +106,26 @@ def test_device_checksum_equals_cpu_reference(offset: int) -> None:
         assert got.startswith(f"mxs1:{n}:")
 
 
+def test_batched_checksums_equal_the_cpu_reference_for_every_range_shape() -> None:
+    import torch
+
+    from sidecar.cuda_memory import _BLOCK_WORDS, CudaOps, device_checksum, device_checksums, reference_checksum
+
+    blk = 4 * _BLOCK_WORDS
+    big = 3 * blk + 4 * (1 << 20) + 7
+    buf = torch.randint(0, 256, (big + 64,), dtype=torch.uint8, device="cuda:0",
+                        generator=torch.Generator(device="cuda:0").manual_seed(5))
+    host = buf.cpu().numpy().tobytes()
+    shapes = [(0, 0), (0, 1), (0, 3), (0, 4), (8, 5), (16, 1023), (0, blk - 4), (0, blk), (4, blk + 3),
+              (0, 3 * blk + 7), (1, 4096), (2, 4099), (3, 7), (0, big), (64, 4096), (64, 4096)]  # last two: same range
+    items = [(buf.data_ptr() + off, n) for off, n in shapes]
+    got = device_checksums(items, 0)
+    assert got == [reference_checksum(host[off:off + n]) for off, n in shapes]
+    assert got == [device_checksum(a, n, 0) for a, n in items]  # the per-range torch path agrees
+    assert CudaOps(0).checksum_many(items) == got
+    assert [CudaOps(0).checksum(a, n) for a, n in items] == got
+
+
 def test_checksum_sees_swapped_words_and_single_bits() -> None:
     import torch
 

@@ -37,7 +37,7 @@ def report(worker: Any) -> dict[str, Any]:
     digests, seen, nbytes = {}, set(), 0
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().reshape(-1)
-        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        raw = t.view(torch.uint8).cpu().numpy().tobytes() if t.numel() else b""
         digests[name] = f"{t.dtype}{list(tensors[name].shape)}:{xxhash.xxh3_64_hexdigest(raw)}"
         key = (tensors[name].untyped_storage().data_ptr(), tensors[name].untyped_storage().nbytes())
         if key not in seen:
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--load-format", default="mx")
     p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--gpu-memory-utilization", type=float, default=None, help="GPU only (vLLM's default 0.9)")
     p.add_argument("--no-digests", action="store_true")
     p.add_argument("--exit-after-ready", action="store_true")
     p.add_argument("--check", default="", help="a function of tests.vllm.worker_checks to run in every worker")
@@ -70,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from vllm import LLM, SamplingParams
 
+    gpu = {"gpu_memory_utilization": a.gpu_memory_utilization} if a.gpu_memory_utilization else {}
     llm = LLM(model=a.model, load_format=a.load_format, tensor_parallel_size=a.tp, dtype=a.dtype,
-              skip_tokenizer_init=True, enforce_eager=True, max_model_len=256, max_num_seqs=4, seed=0)
+              skip_tokenizer_init=True, enforce_eager=True, max_model_len=256, max_num_seqs=4, seed=0, **gpu)
     ready_s = time.monotonic() - T0
     out = llm.generate([{"prompt_token_ids": PROMPT}],
                        SamplingParams(temperature=0, max_tokens=a.max_tokens, ignore_eos=True), use_tqdm=False)

@@ -28,7 +28,8 @@ class VllmReplica:
                  load_format: str = "mx", sidecar: bool = True, extra_env: dict[str, str] | None = None,
                  engine_args: list[str] | None = None) -> None:
         self.name = name
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO), "MX_ZMQ_ADDRESS": f"ipc://{work}/{name}.sock",
+        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)  # carried packages too
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, "MX_ZMQ_ADDRESS": f"ipc://{work}/{name}.sock",
                "MX_METRICS_PORT": "0", "MX_METRICS_HOST": "127.0.0.1", "MX_TP_SIZE": str(tp), **FAST_ENV,
                **({"MX_REDIS_URL": redis_url} if redis_url else {}), **(extra_env or {})}
         self.sidecar = Proc(f"{name}-sidecar", [sys.executable, "-m", "sidecar", "run"], env, work) if sidecar else None

@@ -1,0 +1,214 @@
+"""`mx-sidecar status`: the fleet as Redis sees it, read through the key layout of sidecar/coordinator.py.
+
+Per model: its fingerprints, the live sources (node, ranks, mode, readers, age, last heartbeat, authenticated),
+the seeding leases and the targets in flight (readers counted on each source). Read-only: it never writes Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sidecar.auth import AuthError, Keyring
+from sidecar.config import Config
+from sidecar.coordinator import open_record
+from sidecar.protocol import ProtocolError, SourceRecord, decode_record, decode_sealed
+
+
+def _open(keys: Keyring, key: str, blob: bytes, max_bytes: int) -> tuple[SourceRecord, str]:
+    """The record and whether it is authenticated: 'yes' (verified with the key), 'NO KEY' (nothing to verify
+    with), or 'REFUSED (reason)': shown, but a target would refuse it."""
+    try:
+        rec = open_record(keys, key, blob, max_bytes)
+        return rec, "yes" if keys.enabled else "NO KEY"
+    except AuthError as e:
+        return decode_record(decode_sealed(blob, max_bytes).body, max_bytes), f"REFUSED ({e.reason})"
+
+
+@dataclass(frozen=True)
+class Source:
+    model: str
+    fingerprint: str
+    replica: str
+    node: str
+    ranks: int
+    mode: str
+    readers: int
+    age_s: float | None  # since the first publication; None for records without a timestamp
+    heartbeat_s: float | None  # since the last heartbeat; None when the heartbeat key is gone
+    live: bool  # heartbeat within the TTL the source beats with
+    authenticated: str
+
+
+@dataclass(frozen=True)
+class Lease:
+    fingerprint: str
+    model: str  # "" when no source of that fingerprint tells which model it is
+    holder: str
+    expires_in_s: float
+
+
+@dataclass
+class ModelView:
+    model: str
+    fingerprints: list[str] = field(default_factory=list)
+    sources: list[Source] = field(default_factory=list)
+    leases: list[Lease] = field(default_factory=list)
+    targets_in_flight: int = 0
+
+
+@dataclass
+class Fleet:
+    redis: str
+    taken_at: float
+    models: list[ModelView]
+    unreadable: list[str]  # keys whose value could not be decoded (with the reason)
+
+
+def _beat(value: bytes | None) -> tuple[float, float] | None:
+    """A heartbeat is 'wall-time ttl' (coordinator.Coordinator._beat)."""
+    try:
+        ts, ttl = (float(x) for x in (value or b"").split())
+    except ValueError:
+        return None
+    return ts, ttl
+
+
+async def read_fleet(r: Any, prefix: str, model: str | None = None, max_record_bytes: int = 64 << 20,
+                     redis_label: str = "", keys: Keyring | None = None) -> Fleet:
+    """One consistent-enough pass over Redis (SCAN + pipelined GETs); `model` filters the result."""
+    now = time.time()
+    unreadable: list[str] = []
+    sources: list[Source] = []
+    readers_by_fp: dict[str, int] = {}
+    fp_model: dict[str, str] = {}
+    async for key in r.scan_iter(match=f"{prefix}:*:readers:*", count=500):
+        k = key.decode()
+        fp = k.split(":")[1]
+        v = await r.get(k)
+        try:
+            readers_by_fp[fp] = readers_by_fp.get(fp, 0) + max(0, int(v or 0))
+        except ValueError:
+            unreadable.append(f"{k}: not a count")
+    async for key in r.scan_iter(match=f"{prefix}:*:src:*", count=500):
+        k = key.decode()
+        _, fp, _, rid = k.split(":", 3)
+        pipe = r.pipeline(transaction=False)
+        pipe.get(k)
+        pipe.get(f"{prefix}:{fp}:hb:{rid}")
+        pipe.get(f"{prefix}:{fp}:readers:{rid}")
+        blob, hb, readers = await pipe.execute()
+        if blob is None:
+            continue  # expired between SCAN and GET
+        try:
+            rec, auth = _open(keys or Keyring(None), k, bytes(blob), max_record_bytes)
+        except ProtocolError as e:
+            unreadable.append(f"{k}: {e}")
+            continue
+        beat = _beat(hb)
+        fp_model[fp] = rec.model
+        sources.append(Source(
+            model=rec.model, fingerprint=fp, replica=rid, node=rec.node, ranks=len(rec.ranks),
+            mode=",".join(sorted({x.mode for x in rec.ranks})) or "-", readers=int(readers or 0),
+            age_s=now - rec.published_at if rec.published_at else None,
+            heartbeat_s=now - beat[0] if beat else None, live=bool(beat and now - beat[0] <= beat[1]),
+            authenticated=auth))
+    leases: list[Lease] = []
+    async for key in r.scan_iter(match=f"{prefix}:*:seed", count=500):
+        k = key.decode()
+        fp = k.split(":")[1]
+        pipe = r.pipeline(transaction=False)
+        pipe.get(k)
+        pipe.pttl(k)
+        holder, pttl = await pipe.execute()
+        if holder is not None:
+            leases.append(Lease(fp, fp_model.get(fp, ""), holder.decode(errors="replace"), max(0, pttl) / 1000))
+    views: dict[str, ModelView] = {}
+
+    def view(name: str) -> ModelView:
+        return views.setdefault(name, ModelView(name))
+
+    for s in sources:
+        v = view(s.model)
+        v.sources.append(s)
+        if s.fingerprint not in v.fingerprints:
+            v.fingerprints.append(s.fingerprint)
+    for lease in leases:
+        v = view(lease.model or "(seeding)")
+        v.leases.append(lease)
+        if lease.fingerprint not in v.fingerprints:
+            v.fingerprints.append(lease.fingerprint)
+    for fp, n in readers_by_fp.items():
+        view(fp_model.get(fp, "(unknown)")).targets_in_flight += n
+    models = sorted(views.values(), key=lambda m: m.model)
+    for m in models:
+        m.sources.sort(key=lambda s: (s.fingerprint, s.node, s.replica))
+    if model is not None:
+        models = [m for m in models if m.model == model]
+    return Fleet(redis_label, now, models, unreadable)
+
+
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+
+
+def render(fleet: Fleet) -> str:
+    out = [f"{fleet.redis}  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(fleet.taken_at))}"]
+    if not fleet.models:
+        out.append("no live sources, no seeding, no targets in flight")
+    for m in fleet.models:
+        live = sum(s.live for s in m.sources)
+        out.append("")
+        out.append(f"{m.model}: {live} live source{'s' * (live != 1)}, {len(m.leases)} seeding, "
+                   f"{m.targets_in_flight} target{'s' * (m.targets_in_flight != 1)} in flight; "
+                   f"fingerprint{'s' * (len(m.fingerprints) != 1)} {', '.join(f[:12] for f in m.fingerprints)}")
+        if m.sources:
+            rows = [["  REPLICA", "NODE", "FINGERPRINT", "RANKS", "MODE", "READERS", "AGE", "HEARTBEAT", "STATE",
+                     "AUTH"]]
+            rows += [[f"  {s.replica}", s.node, s.fingerprint[:12], str(s.ranks), s.mode, str(s.readers),
+                      _ago(s.age_s), _ago(s.heartbeat_s) + (" ago" if s.heartbeat_s is not None else ""),
+                      "live" if s.live else "stale", s.authenticated] for s in m.sources]
+            out += _table(rows)
+        for lease in m.leases:
+            out.append(f"  seeding {lease.fingerprint[:12]}: lease held by {lease.holder}, "
+                       f"expires in {lease.expires_in_s:.1f}s unless renewed")
+    for u in fleet.unreadable:
+        out.append(f"unreadable: {u}")
+    return "\n".join(out)
+
+
+
+
+async def status(cfg: Config, model: str | None, as_json: bool, watch: float | None) -> int:
+    """Print the fleet once, or every `watch` seconds until interrupted (--json --watch: one JSON per line)."""
+    from sidecar.redis_client import connect, redact_url
+
+    r = connect(cfg)
+    keys = Keyring.from_file(cfg.auth_key_file)
+    try:
+        while True:
+            fleet = await read_fleet(r, cfg.redis_prefix, model, cfg.max_message_bytes, redact_url(cfg.redis_url),
+                                     keys)
+            if as_json:
+                print(json.dumps(asdict(fleet), indent=None if watch is not None else 2), flush=True)
+            else:
+                print(("\x1b[H\x1b[2J" if watch is not None else "") + render(fleet), flush=True)
+            if watch is None:
+                return 0
+            await asyncio.sleep(watch)
+    finally:
+        await r.aclose()

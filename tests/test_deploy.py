@@ -1,0 +1,415 @@
+"""deploy/: every overlay renders (kubectl kustomize), validates strictly against Kubernetes' own schemas
+(kubernetes-validate, offline) and keeps the pod's contract; the Dockerfiles pass hadolint; the Redis ACL that
+deploy/make-secrets.sh writes works on a real server with the real Coordinator.
+
+No cluster is involved: what needs one is listed in README ("What was not validated without a cluster").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import redis
+import yaml
+
+from sidecar.config import SETTINGS
+from sidecar.coordinator import Coordinator
+from sidecar.embedded_redis import server_binary
+from sidecar.protocol import PROTOCOL_VERSION, SourceRecord
+from tests.tooling import (
+    COMPONENTS,
+    DEPLOY,
+    OVERLAYS,
+    compose,
+    config_maps,
+    docs,
+    find,
+    kustomize,
+    run,
+    tool,
+    venv_tool,
+)
+
+# Settings the lead's security work adds to sidecar/config.py (reserved names, HELPERS-COMMON.md).
+RESERVED_SETTINGS = {"MX_AUTH_KEY_FILE", "MX_REDIS_USERNAME", "MX_REDIS_PASSWORD_FILE", "MX_REDIS_TLS_CA_FILE",
+                     "MX_REDIS_TLS_CERT_FILE", "MX_REDIS_TLS_KEY_FILE", "MX_ALLOW_TCP_HOOK"}
+VARIANTS = [(o, ()) for o in OVERLAYS] + [("vllm", ("rdma",)), ("vllm", ("redis-tls",)), ("trtllm", COMPONENTS)]
+
+
+def _ids(v: tuple[str, tuple[str, ...]]) -> str:
+    return "+".join((v[0], *v[1]))
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, list[dict[str, Any]]]]:
+    """Each variant rendered once: {id: (file, objects)}."""
+    out = {}
+    base = tmp_path_factory.mktemp("render")
+    for overlay, comps in VARIANTS:
+        vid = _ids((overlay, comps))
+        src = DEPLOY / "overlays" / overlay if not comps else compose(base / f"k-{vid}", overlay, comps)
+        text = kustomize(src)
+        path = base / f"{vid}.yaml"
+        path.write_text(text)
+        out[vid] = (path, docs(text))
+    return out
+
+
+def _pod(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    return find(objs, "Deployment", "llm")["spec"]["template"]
+
+
+def _sidecar(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    return next(c for c in _pod(objs)["spec"]["initContainers"] if c["name"] == "mx-sidecar")
+
+
+def _engine(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    return next(c for c in _pod(objs)["spec"]["containers"] if c["name"] == "engine")
+
+
+def _env(objs: list[dict[str, Any]], container: dict[str, Any]) -> dict[str, str]:
+    """The container's effective plain environment: envFrom ConfigMaps, then env values."""
+    cms = {o["metadata"]["name"]: o.get("data", {}) for o in objs if o["kind"] == "ConfigMap"}
+    env: dict[str, str] = {}
+    for src in container.get("envFrom", []):
+        env.update(cms[src["configMapRef"]["name"]])
+    env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+    return env
+
+
+def _mount(container: dict[str, Any], volume: str) -> str:
+    paths = [m["mountPath"] for m in container.get("volumeMounts", []) if m["name"] == volume]
+    assert len(paths) == 1, f"{container['name']} mounts {volume} {len(paths)} times"
+    return paths[0]
+
+
+# ---------------------------------------------------------------- render + validate
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
+def test_every_overlay_and_component_renders(rendered, variant):
+    _, objs = rendered[_ids(variant)]
+    kinds = sorted(o["kind"] for o in objs)
+    assert kinds.count("Deployment") == 2 and "PodMonitor" in kinds and "PrometheusRule" in kinds
+    assert kinds.count("NetworkPolicy") == 2 and "Secret" not in kinds
+
+
+@pytest.mark.parametrize("k8s", ["1.30.0", "1.33.0"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
+def test_rendered_manifests_validate_strictly_against_the_kubernetes_schema(rendered, variant, k8s):
+    path, _ = rendered[_ids(variant)]
+    res = run([venv_tool("kubernetes-validate"), "--strict", "-k", k8s, str(path)])
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "passed for resource deployment/llm" in res.stdout + res.stderr
+
+
+def test_strict_validation_rejects_an_unknown_field_and_a_native_sidecar_on_1_27(rendered, tmp_path):
+    _, objs = rendered["vllm"]
+    dep = copy.deepcopy(find(objs, "Deployment", "llm"))
+    bad = copy.deepcopy(dep)
+    bad["spec"]["template"]["spec"]["containers"][0]["gpuCount"] = 2
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    res = run([venv_tool("kubernetes-validate"), "--strict", "-k", "1.33.0", str(tmp_path / "bad.yaml")])
+    assert res.returncode != 0 and "gpuCount" in res.stdout + res.stderr
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(dep))  # restartPolicy on an init container needs >= 1.28
+    res = run([venv_tool("kubernetes-validate"), "--strict", "-k", "1.27.0", str(tmp_path / "old.yaml")])
+    assert res.returncode != 0 and "restartPolicy" in res.stdout + res.stderr
+
+
+# ---------------------------------------------------------------- the pod's contract
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
+def test_the_sidecar_is_a_native_sidecar_sharing_the_socket_and_shm_volumes_with_the_engine(rendered, variant):
+    _, objs = rendered[_ids(variant)]
+    pod, side, eng = _pod(objs), _sidecar(objs), _engine(objs)
+    assert side["restartPolicy"] == "Always", "native sidecar: an init container that keeps running"
+    vols = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert vols["mx-sockets"]["emptyDir"] is not None
+    assert _mount(side, "mx-sockets") == _mount(eng, "mx-sockets")
+    address = _env(objs, side)["MX_ZMQ_ADDRESS"]
+    assert address == _env(objs, eng)["MX_ZMQ_ADDRESS"], "hook and sidecar must agree on the socket"
+    assert address.startswith("ipc://" + _mount(side, "mx-sockets") + "/")
+    assert vols["dshm"]["emptyDir"]["medium"] == "Memory" and vols["dshm"]["emptyDir"]["sizeLimit"]
+    assert _mount(side, "dshm") == _mount(eng, "dshm") == "/dev/shm"
+    assert pod["spec"]["shareProcessNamespace"] is True, "CUDA IPC across PID namespaces fails"
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
+def test_sidecar_probes_use_readyz_and_healthz_and_the_startup_probe_never_waits_for_the_engine(rendered, variant):
+    _, objs = rendered[_ids(variant)]
+    side = _sidecar(objs)
+    port = next(p for p in side["ports"] if p["name"] == "mx-metrics")
+    assert str(port["containerPort"]) == _env(objs, side)["MX_METRICS_PORT"]
+    assert side["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "mx-metrics"}
+    assert side["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "mx-metrics"}
+    # A native sidecar's startup probe gates the engine's start; /readyz needs the engine: it would deadlock.
+    assert side["startupProbe"]["httpGet"]["path"] == "/healthz"
+    assert _engine(objs)["readinessProbe"]["httpGet"]["path"] == "/health"
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
+def test_the_sidecar_requests_no_gpu_and_sees_the_engines_gpus_through_the_nvidia_runtime(rendered, variant):
+    _, objs = rendered[_ids(variant)]
+    side, eng = _sidecar(objs), _engine(objs)
+    res = side["resources"]
+    asked = [k for part in ("requests", "limits") for k in res.get(part, {})]
+    assert not [k for k in asked if "gpu" in k.lower()], asked
+    assert res["requests"]["cpu"] and res["requests"]["memory"] and res["limits"]["memory"]
+    assert "cpu" not in res["limits"], "a CPU limit throttles NIXL progress and heartbeats"
+    env = _env(objs, side)
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "all" and "compute" in env["NVIDIA_DRIVER_CAPABILITIES"]
+    assert int(eng["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
+def test_no_secret_is_inline_and_every_secret_file_is_a_mounted_secret(rendered, variant):
+    _, objs = rendered[_ids(variant)]
+    assert not [o for o in objs if o["kind"] == "Secret"]
+    secretish = re.compile(r"PASSWORD|SECRET|TOKEN|(^|_)KEY($|_)")
+    for cm in config_maps(objs).values():
+        for k in cm:
+            assert not secretish.search(k) or k.endswith("_FILE"), f"{k} looks like an inline secret"
+    side = _sidecar(objs)
+    for c in [side, _engine(objs)]:
+        for e in c.get("env", []):
+            assert not secretish.search(e["name"]) or e["name"].endswith("_FILE") or "value" not in e, e
+    env = _env(objs, side)
+    assert "@" not in urlsplit(env["MX_REDIS_URL"]).netloc, "credentials in the Redis URL"
+    secret_vols = {v["name"]: v["secret"]["secretName"] for v in _pod(objs)["spec"]["volumes"] if "secret" in v}
+    mounted = {m["mountPath"]: secret_vols[m["name"]] for m in side["volumeMounts"] if m["name"] in secret_vols}
+    files = {k: v for k, v in env.items() if k.endswith("_FILE")}
+    assert {"MX_REDIS_PASSWORD_FILE", "MX_AUTH_KEY_FILE"} <= set(files)
+    for k, path in files.items():
+        assert any(path.startswith(m + "/") for m in mounted), f"{k}={path} is not in a mounted Secret"
+    assert set(mounted.values()) >= {"mx-redis-auth", "mx-auth-key"}
+    assert not [m for m in _engine(objs)["volumeMounts"] if m["name"] in secret_vols], "the engine needs no secret"
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
+def test_containers_run_non_root_on_read_only_filesystems_without_privilege_escalation(rendered, variant):
+    _, objs = rendered[_ids(variant)]
+    for dep, cname in (("llm", "mx-sidecar"), ("mx-redis", "redis")):
+        spec = find(objs, "Deployment", dep)["spec"]["template"]["spec"]
+        c = next(x for x in spec.get("initContainers", []) + spec["containers"] if x["name"] == cname)
+        sc = c["securityContext"]
+        assert sc["runAsNonRoot"] is True and spec["securityContext"]["runAsNonRoot"] is True
+        assert sc["readOnlyRootFilesystem"] is True
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"]["drop"] == ["ALL"]
+        assert set(sc["capabilities"].get("add", [])) <= {"IPC_LOCK"}
+        assert spec["automountServiceAccountToken"] is False
+    pod = _pod(objs)["spec"]
+    assert pod["securityContext"]["runAsUser"] != 0
+    # One UID for both: the hook's socket directory is private to its user.
+    assert all("runAsUser" not in c.get("securityContext", {}) for c in pod["containers"] + pod["initContainers"])
+    assert _engine(objs)["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
+def test_network_policies_admit_only_replicas_to_redis_and_to_the_pinned_ucx_ports(rendered, variant):
+    _, objs = rendered[_ids(variant)]
+    peer = {"mx-sidecar.io/peer": "true"}
+    labels = _pod(objs)["metadata"]["labels"]
+    assert peer.items() <= labels.items()
+    lo, hi = (int(x) for x in _env(objs, _sidecar(objs))["UCX_TCP_PORT_RANGE"].split("-"))
+    peers = find(objs, "NetworkPolicy", "mx-peers")["spec"]
+    assert peers["podSelector"]["matchLabels"] == peer and peers["policyTypes"] == ["Ingress"]
+    ucx = [r for r in peers["ingress"] if any(p.get("endPort") for p in r["ports"])]
+    assert len(ucx) == 1 and ucx[0]["from"] == [{"podSelector": {"matchLabels": peer}}]
+    assert ucx[0]["ports"] == [{"protocol": "TCP", "port": lo, "endPort": hi}]
+    open_ports = {p["port"] for r in peers["ingress"] if "from" not in r for p in r["ports"]}
+    assert open_ports == {9400, 8000}, "only metrics/probes and the engine's API are open to all"
+    red = find(objs, "NetworkPolicy", "mx-redis")["spec"]
+    redis_pod = find(objs, "Deployment", "mx-redis")["spec"]["template"]["metadata"]["labels"]
+    assert red["podSelector"]["matchLabels"].items() <= redis_pod.items()
+    assert red["ingress"] == [{"from": [{"podSelector": {"matchLabels": peer}}],
+                               "ports": [{"protocol": "TCP", "port": 6379}]}]
+    url = urlsplit(_env(objs, _sidecar(objs))["MX_REDIS_URL"])
+    assert url.port == 6379 and url.hostname == find(objs, "Service", "mx-redis")["metadata"]["name"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
+def test_the_pod_monitor_selects_the_replicas_and_the_sidecars_metrics_port(rendered, variant):
+    _, objs = rendered[_ids(variant)]
+    pm = find(objs, "PodMonitor", "mx-sidecar")["spec"]
+    assert pm["selector"]["matchLabels"].items() <= _pod(objs)["metadata"]["labels"].items()
+    assert [e["port"] for e in pm["podMetricsEndpoints"]] == ["mx-metrics"]
+    dep = find(objs, "Deployment", "llm")["spec"]
+    assert dep["selector"]["matchLabels"].items() <= dep["template"]["metadata"]["labels"].items()
+    assert dep["strategy"]["rollingUpdate"]["maxUnavailable"] == 0, "keep live sources during a rollout"
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
+def test_every_mx_setting_in_the_manifests_is_a_known_setting(rendered, variant):
+    _, objs = rendered[_ids(variant)]
+    known = {s.env for s in SETTINGS} | RESERVED_SETTINGS
+    used = {k for c in (_sidecar(objs), _engine(objs)) for k in _env(objs, c) if k.startswith("MX_")}
+    used |= {e["name"] for e in _sidecar(objs)["env"] if e["name"].startswith("MX_")}
+    assert used and used <= known, sorted(used - known)
+
+
+def test_the_rdma_component_gives_the_rdma_device_and_ipc_lock_to_the_sidecar_only(rendered):
+    _, objs = rendered["vllm+rdma"]
+    side, eng = _sidecar(objs), _engine(objs)
+    assert side["resources"]["limits"]["rdma/rdma_shared_device_a"] == "1"
+    assert side["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK"]}
+    assert "rdma/rdma_shared_device_a" not in eng["resources"].get("limits", {})
+    assert "rc" in _env(objs, side)["UCX_TLS"].split(",")
+
+
+def test_the_redis_tls_component_switches_to_rediss_with_a_mounted_ca(rendered):
+    _, objs = rendered["vllm+redis-tls"]
+    env = _env(objs, _sidecar(objs))
+    assert env["MX_REDIS_URL"].startswith("rediss://")
+    ca = env["MX_REDIS_TLS_CA_FILE"]
+    assert _mount(_sidecar(objs), "mx-redis-tls") == str(Path(ca).parent)
+    args = find(objs, "Deployment", "mx-redis")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--port") + 1] == "0" and args[args.index("--tls-port") + 1] == "6379"
+    assert "--aclfile" in args
+
+
+# ---------------------------------------------------------------- images
+
+def test_the_dockerfiles_pass_hadolint():
+    files = sorted(DEPLOY.glob("Dockerfile*"))
+    assert len(files) >= 2
+    res = run([venv_tool("hadolint"), "--no-color", *map(str, files)])
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_hadolint_flags_a_careless_dockerfile(tmp_path):
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM debian\nRUN apt-get update && apt-get install -y curl\nRUN pip install redis\n")
+    res = run([venv_tool("hadolint"), "--no-color", str(bad)])
+    assert res.returncode != 0 and "DL3006" in res.stdout and "DL3013" in res.stdout
+
+
+def test_the_sidecar_image_installs_with_the_exact_constraints():
+    text = (DEPLOY / "Dockerfile.sidecar").read_text()
+    assert "-c /src/constraints.txt" in text and "COPY constraints.txt" in text
+    engine = (DEPLOY / "Dockerfile.engine").read_text()
+    assert "constraints" not in engine.split("FROM", 1)[1], "the engine image keeps the engine's own versions"
+
+
+# ---------------------------------------------------------------- the Redis ACL on a real server
+
+def _secrets() -> dict[str, dict[str, str]]:
+    res = subprocess.run([str(DEPLOY / "make-secrets.sh")], capture_output=True, text=True, timeout=30,
+                         env={"PATH": "/usr/bin:/bin", "KUBECTL": tool("kubectl")})
+    assert res.returncode == 0, res.stderr
+    return {d["metadata"]["name"]: {k: base64.b64decode(v).decode() for k, v in d["data"].items()}
+            for d in docs(res.stdout)}
+
+
+def test_make_secrets_prints_fresh_random_secrets_of_the_names_the_manifests_mount():
+    a, b = _secrets(), _secrets()
+    assert set(a) == {"mx-redis-auth", "mx-auth-key"}
+    assert len(a["mx-auth-key"]["key"]) == 64 and a["mx-auth-key"]["key"] != b["mx-auth-key"]["key"]
+    assert a["mx-redis-auth"]["password"] in a["mx-redis-auth"]["users.acl"]
+
+
+def test_the_redis_acl_admits_the_mx_user_to_its_prefix_only_with_the_real_coordinator(tmp_path):
+    sec = _secrets()["mx-redis-auth"]
+    (tmp_path / "users.acl").write_text(sec["users.acl"] + "\n")
+    sock = tmp_path / "r.sock"
+    srv = subprocess.Popen([server_binary(), "--port", "0", "--unixsocket", str(sock), "--save", "", "--appendonly",
+                            "no", "--dir", str(tmp_path), "--aclfile", str(tmp_path / "users.acl")],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        anon = redis.Redis(unix_socket_path=str(sock))
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            anon.set("mx:x", 1)
+        mx = redis.Redis(unix_socket_path=str(sock), username="mx", password=sec["password"])
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            mx.set("other:x", 1)
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            mx.flushall()
+        url = f"unix://mx:{sec['password']}@{sock}"
+        asyncio.run(_coordinator_round(url))
+    finally:
+        srv.terminate()
+        srv.wait(5)
+
+
+async def _coordinator_round(url: str) -> None:
+    import redis.asyncio as aioredis
+
+    from sidecar.auth import Keyring
+
+    """Every Redis command the sidecar issues, through the real Coordinator, under the ACL."""
+    fp = "f" * 64
+    a = Coordinator(aioredis.Redis.from_url(url), "mx", "node-1-a", "node-1", 5.0, 1 << 20, 1 << 20,
+                    Keyring(b"k" * 32))
+    b = Coordinator(aioredis.Redis.from_url(url), "mx", "node-1-b", "node-1", 5.0, 1 << 20, 1 << 20,
+                    Keyring(b"k" * 32))
+    try:
+        await a.ping()
+        assert await a.try_seed(fp, 5.0) and not await b.try_seed(fp, 5.0)
+        assert await a.renew_seed(fp, 5.0) and await b.seeder(fp) == "node-1-a"
+        await a.put_agent("agent-a", b"meta")
+        rec = SourceRecord(PROTOCOL_VERSION, "node-1-a", "node-1", "m", fp, [])
+        await a.publish(rec, ["agent-a"])
+        assert await a.heartbeat(fp, ["agent-a"])
+        await a.release_seed(fp)
+        cands = await b.live_sources(fp)
+        assert [c.record.replica for c in cands] == ["node-1-a"]
+        assert await b.get_agent("agent-a") == b"meta"
+        await b.reader_delta(fp, "node-1-a", +1)
+        await a.withdraw(fp, ["agent-a"])
+        assert await b.live_sources(fp) == []
+    finally:
+        await a.close()
+        await b.close()
+
+
+
+# ---------------------------------------------------------------- the ports NetworkPolicy names are the real ones
+
+def _listening(pid: int) -> set[tuple[str, int]]:
+    """(protocol, port) of every listening TCP / bound UDP socket that process `pid` holds."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = fd.readlink().as_posix()
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    out = set()
+    for proto in ("tcp", "tcp6", "udp", "udp6"):
+        for line in Path(f"/proc/{pid}/net/{proto}").read_text().splitlines()[1:]:
+            f = line.split()
+            listening = f[3] == "0A" if proto.startswith("tcp") else True
+            if f[9] in inodes and listening:
+                out.add((proto.rstrip("6"), int(f[1].rsplit(":", 1)[1], 16)))
+    return out
+
+
+def test_sidecars_listen_only_on_the_metrics_port_and_the_pinned_ucx_range_while_moving_weights(rendered,
+                                                                                                   replicas):
+    _, objs = rendered["vllm"]
+    ucx = _env(objs, _sidecar(objs))["UCX_TCP_PORT_RANGE"]
+    lo, hi = (int(x) for x in ucx.split("-"))
+    a = replicas("a", extra_env={"UCX_TCP_PORT_RANGE": ucx})
+    a.engine_results()
+    a.wait_serving()
+    b = replicas("b", extra_env={"UCX_TCP_PORT_RANGE": ucx})
+    assert b.engine_results()[0]["outcome"] == "received"  # NIXL really moved the bytes through those ports
+    b.wait_serving()
+    for rep in (a, b):
+        ports = _listening(rep.sidecar.p.pid)
+        ucx_ports = {p for proto, p in ports if proto == "tcp" and lo <= p <= hi}
+        assert ucx_ports, f"{rep.name}: no UCX listener in {ucx}: {ports}"
+        assert ports == {("tcp", rep.metrics_port)} | {("tcp", p) for p in ucx_ports}, ports
+        assert _listening(rep.engine.p.pid) == set(), "the engine hook binds ipc:// only"

@@ -1,0 +1,187 @@
+"""Monitoring through real parts: a real Prometheus scrapes real sidecars (tests/fleet_run.py) and answers every
+dashboard query and every alert expression from deploy/monitoring/; promtool lints our /metrics and unit-tests
+the alert rules (tests/rules_test.yaml)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.fleet_run import FleetRun, fleet
+from tests.prom import NAMESPACE, rule_groups
+from tests.tooling import DEPLOY, ROOT, run, tool
+
+DASHBOARD = DEPLOY / "monitoring" / "dashboards" / "mx-sidecar.json"
+# Metrics the lead's security work adds (reserved names, HELPERS-COMMON.md). Until a sidecar exports them, the
+# alerts built on them are checked by promtool's unit tests only; once exported, the live checks apply.
+PENDING_METRICS = {"mx_records_authenticated", "mx_auth_failures_total"}
+# Alerts whose cause the fleet run cannot produce without an attack: covered by tests/rules_test.yaml.
+NEEDS_AN_ATTACK = {"MxAuthFailures"}
+LABELS = {"model", "rank", "role", "result", "phase", "kind", "decision", "op", "channel", "reason", "le"}
+
+
+@pytest.fixture(scope="module")
+def fleet_run(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    tool("prometheus")  # skip or fail early, before starting processes
+    with fleet(tmp_path_factory.mktemp("fleet")) as r:
+        yield r
+
+
+def _panel_exprs() -> list[tuple[str, str]]:
+    dash = json.loads(DASHBOARD.read_text())
+    return [(p["title"], t["expr"]) for p in dash["panels"] for t in p["targets"]]
+
+
+def _dashboard_expr(expr: str) -> str:
+    """Grafana's variables as Grafana would expand them with namespace = the test's, model = All."""
+    return expr.replace("$namespace", NAMESPACE).replace("$model", ".*")
+
+
+def _alert_rules() -> list[dict[str, Any]]:
+    return [r for g in rule_groups()["groups"] for r in g["rules"] if "alert" in r]
+
+
+def _exported(fleet_run: FleetRun) -> str:
+    texts = []
+    for rep in fleet_run.replicas.values():
+        if rep.sidecar is not None and rep.sidecar.p.poll() is None:
+            texts.append(rep.http("/metrics")[1])
+    return "\n".join(texts)
+
+
+def _metric_names(expr: str) -> set[str]:
+    return set(re.findall(r"\b(mx_[a-z_]+)", expr))
+
+
+def test_the_fleet_run_reached_its_states(fleet_run):
+    up = fleet_run.prom.scraped_up()
+    assert up == {"a": 1, "b": 1, "d": 0, "e": 1, "f": 1}, up  # d's sidecar was killed on purpose
+    outcome = {n: fleet_run.replicas[n].engine_results()[0]["outcome"] for n in "abef"}
+    assert outcome == {"a": "loaded", "b": "received", "e": "loaded", "f": "loaded"}
+
+
+@pytest.mark.parametrize("title,expr", _panel_exprs(), ids=[t for t, _ in _panel_exprs()])
+def test_every_dashboard_panel_query_returns_data(fleet_run, title, expr):
+    res = fleet_run.prom.query(_dashboard_expr(expr))
+    assert res, f"panel {title!r}: no data for {expr}"
+    assert any(math.isfinite(float(r["value"][1])) for r in res), res
+
+
+def test_the_dashboard_variables_list_the_runs_namespace_and_models(fleet_run):
+    dash = json.loads(DASHBOARD.read_text())
+    q = {v["name"]: v["query"]["query"] for v in dash["templating"]["list"] if v["type"] == "query"}
+    ns = re.fullmatch(r"label_values\((.+), namespace\)", q["namespace"]).group(1)  # type: ignore[union-attr]
+    assert {r["metric"]["namespace"] for r in fleet_run.prom.query(ns)} == {NAMESPACE}
+    m = re.fullmatch(r"label_values\((.+), model\)", q["model"]).group(1)  # type: ignore[union-attr]
+    models = {r["metric"]["model"] for r in fleet_run.prom.query(_dashboard_expr(m))}
+    assert models >= {"toy-a", "toy-c"}
+
+
+@pytest.mark.parametrize("rule", _alert_rules(), ids=[r["alert"] for r in _alert_rules()])
+def test_every_alert_expression_returns_data_on_the_run_and_prometheus_raises_it(fleet_run, rule):
+    name, expr = rule["alert"], rule["expr"]
+    pending = _metric_names(expr) & PENDING_METRICS
+    exported = _exported(fleet_run)
+    if pending:
+        missing = {m for m in pending if not re.search(rf"^{m}(\{{| )", exported, re.M)}
+        if missing:
+            assert name in {"MxUnauthenticatedRecords", "MxAuthFailures"}
+            pytest.skip(f"{sorted(missing)} not exported yet (security work); covered by promtool test rules")
+    if name in NEEDS_AN_ATTACK:
+        pytest.skip("needs forged input to fire; covered by promtool test rules")
+    res = fleet_run.prom.query(expr)
+    assert res, f"{name}: no data for {expr}"
+    held = {a["labels"]["alertname"]: a["state"] for a in fleet_run.prom.alerts()}
+    assert held.get(name) in ("pending", "firing"), held
+
+
+def test_each_alert_fires_for_the_model_that_caused_it(fleet_run):
+    held: dict[str, set[str]] = {}
+    for a in fleet_run.prom.alerts():
+        held.setdefault(a["labels"]["alertname"], set()).add(a["labels"].get("model", a["labels"].get("pod", "")))
+    assert held["MxFellBackToStorage"] == {"toy-b"}
+    assert held["MxRedisErrors"] == {"toy-c"}
+    assert held["MxNoLiveSource"] == {"toy-c"}
+    assert held["MxSlowLink"] == {"toy-a"}  # b is the only replica that received over NIXL
+    assert "toy-a" in held["MxTimeToReadySLO"]
+
+
+def test_every_recording_rule_returns_data(fleet_run):
+    for g in rule_groups()["groups"]:
+        for r in g["rules"]:
+            if "record" in r and not _metric_names(r["expr"]) & PENDING_METRICS:
+                assert fleet_run.prom.query(r["record"]), r["record"]
+
+
+def test_promtool_finds_no_problem_in_any_sidecars_metrics(fleet_run, tmp_path):
+    checked = 0
+    for rep in fleet_run.replicas.values():
+        if rep.sidecar is None or rep.sidecar.p.poll() is not None:
+            continue
+        status, text = rep.http("/metrics")
+        assert status == 200
+        res = run([tool("promtool"), "check", "metrics"], input=text)
+        assert res.returncode == 0 and not res.stdout.strip() and not res.stderr.strip(), (rep.name, res)
+        checked += 1
+    assert checked == 4
+
+
+def test_metric_labels_stay_bounded(fleet_run):
+    text = _exported(fleet_run)
+    names = set()
+    for line in text.splitlines():
+        if line.startswith("mx_") and "{" in line:
+            names |= set(re.findall(r'(\w+)="', line.split("{", 1)[1].rsplit("}", 1)[0]))
+    assert names and names <= LABELS, sorted(names - LABELS)
+    ranks = set(re.findall(r'rank="([^"]*)"', text))
+    assert ranks <= {str(r) for r in range(64)}
+
+
+def test_the_dashboard_png_renders_from_query_range_data(fleet_run, tmp_path):
+    from tests.dashboard_png import render
+
+    out = tmp_path / "dashboard.png"
+    drawn = render(fleet_run.prom, fleet_run.t_start, time.time(), out)
+    assert out.stat().st_size > 20_000
+    assert drawn == len(_panel_exprs()), "every panel plotted real series"
+
+
+def test_promtool_checks_and_unit_tests_the_alert_rules(tmp_path):
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rule_groups()))
+    res = run([tool("promtool"), "check", "rules", str(tmp_path / "rules.yaml")])
+    assert res.returncode == 0, res.stdout + res.stderr
+    shutil.copy(ROOT / "tests" / "rules_test.yaml", tmp_path / "rules_test.yaml")
+    res = run([tool("promtool"), "test", "rules", str(tmp_path / "rules_test.yaml")])
+    assert res.returncode == 0, res.stdout + res.stderr
+    tested = set(re.findall(r"alertname: (\w+)", (tmp_path / "rules_test.yaml").read_text()))
+    assert tested == {r["alert"] for r in _alert_rules()}, "every alert has a unit test"
+
+
+def test_promtool_test_rules_fails_when_an_alert_is_broken(tmp_path):
+    groups = rule_groups()
+    for g in groups["groups"]:
+        for r in g["rules"]:
+            if r.get("alert") == "MxFellBackToStorage":
+                r["expr"] = r["expr"].replace("fell_back_to_storage", "fell_back")
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(groups))
+    shutil.copy(ROOT / "tests" / "rules_test.yaml", tmp_path / "rules_test.yaml")
+    res = run([tool("promtool"), "test", "rules", str(tmp_path / "rules_test.yaml")])
+    assert res.returncode != 0 and "MxFellBackToStorage" in res.stdout + res.stderr
+
+
+def test_prometheus_rule_resource_and_dashboard_cover_the_issue_list():
+    alerts = {r["alert"] for r in _alert_rules()}
+    assert {"MxFellBackToStorage", "MxNoLiveSource", "MxSlowLink", "MxRedisErrors", "MxTimeToReadySLO",
+            "MxUnauthenticatedRecords"} <= alerts
+    titles = {t for t, _ in _panel_exprs()}
+    assert {"Throughput of the last receive", "Time to ready", "Transfers by result", "Live sources",
+            "Fallbacks to storage (30 min)", "Redis errors (10 min)"} <= titles
+    assert Path(ROOT / "docs" / "dashboard.png").exists(), "docs/dashboard.png: run `make dashboard-png`"
