@@ -197,7 +197,8 @@ def test_a_loader_whose_sidecar_dies_mid_transfer_gives_up_instead_of_hanging_an
     assert not any(p.is_file() for p in out.rglob("*"))
 
 
-def test_a_model_directory_round_trips_byte_identical_over_two_ranks_with_child_sidecars(nodes, tmp_path):
+def test_a_model_directory_round_trips_byte_identical_over_two_ranks_with_child_sidecars(nodes, tmp_path,
+                                                                                          redis_server):
     src = make_model_dir(tmp_path / "hf")
     pub = nodes("pub", ["publish", str(src), "--model-name", "tiny-hf", "--ranks", "2", "--with-sidecar"],
                 sidecar=False)
@@ -214,4 +215,10 @@ def test_a_model_directory_round_trips_byte_identical_over_two_ranks_with_child_
     assert (out / "generation_config.json").read_bytes() == b""
     assert not (out / ".cache").exists() and not (out / ".gitattributes").exists()
     assert not list(out.glob(".mx-incoming-*"))
-    tgt.proc.wait_for(r"withdrew .* from the sources", 10)  # the child sidecar left Redis when the loader finished
+    # The child sidecar ends with the loader (SIGTERM; killed after 15 s if it hangs) and its source record goes
+    # (withdrawn, or expired within MX_SOURCE_TTL): only the publisher's remains.
+    r = redis.Redis.from_url(redis_server.url)
+    deadline = time.monotonic() + 25
+    while len(list(r.scan_iter("mx:*:src:*"))) != 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(list(r.scan_iter("mx:*:src:*"))) == 1
