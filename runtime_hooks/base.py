@@ -122,6 +122,12 @@ class RankHook:
     def fingerprint(self) -> str:
         return self._fingerprint
 
+    def orphaned(self) -> bool:
+        """True while the session that may write this rank (preparing/receiving) has been silent for the whole
+        timeout: its READs may still land, and only a new sidecar can take the rank over."""
+        with self._lock:
+            return self._session.state in WRITABLE and self._session.owner_gone()
+
     def weights_changed(self) -> None:
         """Call after changing this rank's weights in place: a sidecar serving them withdraws at its next ping."""
         with self._lock:

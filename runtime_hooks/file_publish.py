@@ -32,14 +32,17 @@ import torch
 from runtime_hooks.base import Outcome, RankHook
 from runtime_hooks.exposure import ModelIdentity
 from runtime_hooks.file_layout import FileSpec, LayoutError, SourceLayout, files_identity, layout_from_record
+from sidecar.auth import Keyring
 from sidecar.config import Config
 from sidecar.coordinator import Coordinator, CoordinatorUnavailable
 from sidecar.protocol import SourceRecord
+from sidecar.redis_client import connect as connect_redis
 
 log = logging.getLogger("mx.files")
 
 CHUNK = 64 << 20
 STAGING_PREFIX = ".mx-incoming-"
+_QUARANTINE: list[dict[str, torch.Tensor]] = []  # buffers a vanished sidecar may still write: never freed
 
 __all__ = ["FilePublisher", "FileReceiver", "FilesError", "ReceiveResult", "SourceNotFound", "TransferFailed",
            "read_source_records", "wait_for_source"]
@@ -273,8 +276,17 @@ class FilePublisher:
             torch.cuda.empty_cache()
 
 
-def _run_hooks(hooks: list[RankHook], devices: list[str], sidecar_timeout: float | None) -> list[Outcome]:
-    """Block every rank until its verdict, one engine thread per rank (adapter calls run on it)."""
+class SidecarVanished(FilesError):
+    """The sidecar session that was writing a rank went silent and no new sidecar took the rank over."""
+
+
+def _run_hooks(hooks: list[RankHook], devices: list[str], sidecar_timeout: float | None,
+               orphan_grace: float | None = None) -> list[Outcome]:
+    """Block every rank until its verdict, one engine thread per rank (adapter calls run on it).
+
+    With `orphan_grace`, a rank whose writing session stayed silent (RankHook.orphaned) for that long after the
+    hook's own timeout ends the wait with SidecarVanished (an engine would stay blocked for a new sidecar; a files
+    target has nothing to protect but buffers the caller must then never reuse)."""
     outcomes: list[Outcome | None] = [None] * len(hooks)
     errors: list[BaseException | None] = [None] * len(hooks)
 
@@ -289,8 +301,22 @@ def _run_hooks(hooks: list[RankHook], devices: list[str], sidecar_timeout: float
     threads = [threading.Thread(target=run, args=(r,), name=f"mx-files-rank{r}") for r in range(len(hooks))]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
+    orphaned_since: float | None = None
+    while any(t.is_alive() for t in threads):
+        threads[[t.is_alive() for t in threads].index(True)].join(0.5)
+        if orphan_grace is None:
+            continue
+        if not any(h.orphaned() for h in hooks):
+            orphaned_since = None
+        elif orphaned_since is None:
+            orphaned_since = time.monotonic()
+        elif time.monotonic() - orphaned_since >= orphan_grace:
+            for h in hooks:
+                h.close()  # run_until_ready raises "hook closed" in every waiting rank
+            for t in threads:
+                t.join()
+            raise SidecarVanished("the sidecar beside this loader went silent mid-transfer and no new sidecar took "
+                                  "over; nothing was written")
     failed = [e for e in errors if e is not None]
     if failed:
         raise failed[0]
@@ -301,8 +327,9 @@ def _run_hooks(hooks: list[RankHook], devices: list[str], sidecar_timeout: float
 
 
 async def read_source_records(coord: Coordinator, model: str) -> list[SourceRecord]:
-    """Every live source record announcing `model`. The one place a files target reads records: when records are
-    signed (MX_AUTH_KEY_FILE), this is where the verified reader goes."""
+    """Every live source record announcing `model`, each opened through the coordinator's verified reader (with
+    MX_AUTH_KEY_FILE, a record not sealed with the deployment key is refused). The one place a files target reads
+    records."""
     return [c.record for c in await coord.sources_of_model(model)]
 
 
@@ -332,13 +359,15 @@ def wait_for_source(cfg: Config, model: str, timeout: float, mem_types: set[str]
 
 
 async def _wait_for_source(cfg: Config, model: str, timeout: float, mem_types: set[str]) -> SourceLayout:
-    from sidecar.auth import Keyring
-    from sidecar.redis_client import connect
-
-    # With MX_AUTH_KEY_FILE the layout (sizes, per-file SHA-256) comes only from records sealed with the key.
-    coord = Coordinator(connect(cfg), cfg.redis_prefix, f"files-reader-{os.getpid()}", cfg.node_name,
-                        cfg.source_ttl, cfg.max_message_bytes, cfg.max_metadata_bytes,
-                        Keyring.from_file(cfg.auth_key_file))
+    keys = Keyring.from_file(cfg.auth_key_file)
+    if not keys.enabled:
+        log.warning("no MX_AUTH_KEY_FILE: source records are read UNAUTHENTICATED (the SHA-256s then protect against "
+                    "corruption, not against whoever can write Redis)")
+    refused: list[str] = []
+    reported: set[str] = set()
+    coord = Coordinator(connect_redis(cfg), cfg.redis_prefix, f"files-reader-{os.getpid()}", cfg.node_name,
+                        cfg.source_ttl, cfg.max_message_bytes, cfg.max_metadata_bytes, keys,
+                        lambda who, why: refused.append(f"{who} ({why})"))
     log.info("Querying for source model: %s", model)
     t0 = time.monotonic()
     next_note = t0 + 10
@@ -354,6 +383,12 @@ async def _wait_for_source(cfg: Config, model: str, timeout: float, mem_types: s
                 if not redis_error:
                     log.warning("cannot read sources from Redis (%s); retrying", e)
                 redis_error = str(e)
+            new = sorted(set(refused) - reported)
+            if new:  # logged once per record, not once per poll
+                log.warning("refused %d source records that are not sealed with this deployment key: %s",
+                            len(new), ", ".join(new[:3]))
+                reported.update(new)
+            refused.clear()
             usable = [x for x in layouts if x.mem_type in mem_types]
             unusable.update(x.mem_type for x in layouts if x.mem_type not in mem_types)
             if usable:
@@ -372,6 +407,8 @@ async def _wait_for_source(cfg: Config, model: str, timeout: float, mem_types: s
                            f"loader cannot receive into with MX_TRTLLM_DEVICES={cfg.trtllm_devices})")
                 elif redis_error:
                     why = f" (Redis: {redis_error})"
+                elif reported:
+                    why = f" ({len(reported)} records refused: not sealed with this deployment key)"
                 raise SourceNotFound(f"Source not found for {model} after {timeout:.0f}s{why}")
             if now >= next_note:
                 log.info("Source not ready, waiting... (%ds / %ds)", now - t0, timeout)
@@ -516,7 +553,16 @@ class FileReceiver:
                 log.info("Receiving rank %d: %d tensors", r, len(specs))
             self.hooks = [RankHook(a, config=self.cfg) for a in self.adapters]
             try:
-                outcomes = _run_hooks(self.hooks, devices, sidecar_timeout)
+                outcomes = _run_hooks(self.hooks, devices, sidecar_timeout,
+                                      orphan_grace=sidecar_timeout or self.cfg.sidecar_timeout)
+            except SidecarVanished as e:
+                # Its READs may still land: these buffers stay allocated, never reused, while this process lives.
+                _QUARANTINE.extend(a.discover_tensors() for a in self.adapters)
+                log.error("%s; the receive buffers (%.2f GB) stay allocated until this process exits", e,
+                          sum(a.nbytes for a in self.adapters) / 1e9)
+                self.adapters = []
+                self.shutdown()
+                raise TransferFailed(f"transfer failed: {e}") from e
             except BaseException as e:
                 err = self._failure(e)
                 self.shutdown()

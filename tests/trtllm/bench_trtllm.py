@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="docs/benchmarks/trtllm-cpu.json")
     a = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="mx-bench-trtllm-"))
+    load0 = os.getloadavg()[0]  # the machine may be shared: the figures scale with what others run
     try:
         t0 = time.monotonic()
         ckpt = make_trtllm_checkpoint(work / "ckpt", 2, {"layers": a.layers})
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         med = statistics.median
         result = {
             "date": datetime.date.today().isoformat(),
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+                        "load_average_1m_start_end": [round(load0, 2), round(os.getloadavg()[0], 2)]},
             "checkpoint": {"tp": 2, "layers": a.layers, "files": len(want), "bytes": nbytes,
                            "dtypes": "bf16 + float8_e4m3fn + int8 weights, fp32/bf16 scales"},
             "publisher": {"read_and_hash_s": published["load_s"], "ready_wall_s": round(publish_wall, 3)},

@@ -18,7 +18,6 @@ FAST_ENV = {
     "MX_SEED_LEASE_TTL": "3",
     "MX_POLL_INTERVAL": "0.1",
     "MX_STALL_TIMEOUT": "10",
-    "MX_VERIFY": "checksum",
     "MX_LOG_LEVEL": "info",
 }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -13,15 +14,8 @@ import redis
 
 from runtime_hooks.file_layout import FileSpec, rank_fingerprint
 from sidecar.auth import Keyring
-from sidecar.protocol import (
-    RankSource,
-    SourceRecord,
-    TensorEntry,
-    decode_record,
-    decode_sealed,
-    encode,
-    replica_fingerprint,
-)
+from sidecar.coordinator import open_record
+from sidecar.protocol import RankSource, SourceRecord, TensorEntry, encode, replica_fingerprint
 from tests.trtllm.checkpoints import SMALL_CKPT, digests, make_model_dir, make_trtllm_checkpoint
 from tests.trtllm.procs import FilesNode, write_fake_trtllm_build
 
@@ -131,30 +125,34 @@ def test_without_a_source_the_loader_stops_with_source_not_found_and_writes_noth
     assert not out.exists() or not any(out.rglob("*.safetensors"))
 
 
-def test_a_record_with_forged_sizes_in_redis_only_makes_the_receive_fail_and_nothing_is_written(
-        nodes, small_ckpt, tmp_path, redis_server):
-    _publish(nodes, "pub", small_ckpt, "forged")
-    r = redis.Redis.from_url(redis_server.url)
-    key = next(iter(r.scan_iter("mx:*:src:*")))
-    rec = decode_record(decode_sealed(r.get(key)).body)
-    # Whoever can write Redis republishes the real source's agent with one file 4 KiB longer and a recomputed
-    # (unkeyed) fingerprint, twice, so the loader prefers it over the real record.
+def _forge(url: str, model: str, key: Keyring) -> None:
+    """Whoever can write Redis republishes the real source's agent with one file 4 KiB longer and a recomputed
+    (unkeyed) fingerprint, twice, so that a loader prefers it over the real record; sealed with `key` (without the
+    deployment key when `key` has none: then nothing tells the forgery apart)."""
+    r = redis.Redis.from_url(url)
+    key_name = next(iter(r.scan_iter("mx:*:src:*"))).decode()
+    rec = open_record(Keyring(None), key_name, r.get(key_name), 1 << 26)
     ranks, specs = [], []
     for rs in sorted(rec.ranks, key=lambda x: x.rank):
         entries = [TensorEntry(e.name, e.dtype, [e.nbytes + 4096] if rs.rank == 1 else e.shape, e.handle, e.offset,
                                e.nbytes + 4096 if rs.rank == 1 else e.nbytes) for e in rs.entries]
-        ranks.append(RankSource(rs.rank, rs.agent, rs.mem_type, rs.device_id, rs.mode, entries,
-                                list(rs.checksums), entry_addrs=list(rs.entry_addrs)))
+        ranks.append(RankSource(rs.rank, rs.agent, rs.mem_type, rs.device_id, rs.mode, entries, list(rs.checksums),
+                                entry_addrs=list(rs.entry_addrs)))
         specs.append([FileSpec(e.name.rpartition("@sha256:")[0], e.nbytes, e.name.rpartition(":")[2])
                       for e in entries])
-    fp = replica_fingerprint([rank_fingerprint("forged", "trtllm-checkpoint", i, s, 2, "cpu")
+    fp = replica_fingerprint([rank_fingerprint(model, "trtllm-checkpoint", i, s, 2, "cpu")
                               for i, s in enumerate(specs)])
     for rid in ("forger-1", "forger-2"):
-        k = f"mx:{fp}:src:{rid}"  # sealed without a key: these replicas run unauthenticated
-        r.set(k, Keyring(None).seal("record", k, encode(SourceRecord(rec.v, rid, rec.node, "forged", fp, ranks))),
-              px=600_000)
+        k = f"mx:{fp}:src:{rid}"
+        r.set(k, key.seal("record", k, encode(SourceRecord(rec.v, rid, rec.node, model, fp, ranks))), px=600_000)
         r.set(f"mx:{fp}:hb:{rid}", f"{time.time()!r} 600.0", px=600_000)
         r.sadd(f"mx:{fp}:sources", rid)
+
+
+def test_without_a_deployment_key_forged_sizes_in_redis_only_make_the_receive_fail_and_nothing_is_written(
+        nodes, small_ckpt, tmp_path, redis_server):
+    _publish(nodes, "pub", small_ckpt, "forged")
+    _forge(redis_server.url, "forged", Keyring(None))
     out = tmp_path / "out"
     tgt = nodes("tgt", ["load", "--model-name", "forged", "--output-dir", str(out), "--skip-build"])
     assert tgt.exit_code(120) == 4
@@ -164,7 +162,43 @@ def test_a_record_with_forged_sizes_in_redis_only_makes_the_receive_fail_and_not
     assert not any(p.is_file() for p in out.rglob("*")), "no file may appear"
 
 
-def test_a_model_directory_round_trips_byte_identical_over_two_ranks_with_child_sidecars(nodes, tmp_path):
+def test_with_a_deployment_key_forged_records_are_refused_and_the_loader_takes_the_real_files(
+        nodes, small_ckpt, tmp_path, redis_server):
+    keyfile = tmp_path / "key"
+    keyfile.write_bytes(os.urandom(32).hex().encode())
+    keyfile.chmod(0o600)
+    env = {"MX_AUTH_KEY_FILE": str(keyfile)}
+    pub = nodes("pub", ["publish", str(small_ckpt), "--model-name", "signed"], env)
+    pub.result("MX_PUBLISHED")
+    assert pub.sidecar is not None
+    pub.sidecar.wait_for(r"serving as a source", 60)
+    _forge(redis_server.url, "signed", Keyring(os.urandom(32)))  # sealed, but not with the deployment key
+    out = tmp_path / "out"
+    tgt = nodes("tgt", ["load", "--model-name", "signed", "--output-dir", str(out), "--skip-build"], env)
+    assert tgt.exit_code(120) == 0
+    tgt.proc.wait_for(r"refused 2 source records that are not sealed with this deployment key", 1)
+    assert digests(out / "checkpoint") == digests(small_ckpt)
+
+
+def test_a_loader_whose_sidecar_dies_mid_transfer_gives_up_instead_of_hanging_and_writes_nothing(
+        nodes, small_ckpt, tmp_path):
+    _publish(nodes, "pub", small_ckpt, "orphan")
+    out = tmp_path / "out"
+    tgt = nodes("tgt", ["load", "--model-name", "orphan", "--output-dir", str(out), "--skip-build"],
+                {"MX_TEST_FAILPOINTS": "before_read=sleep:60", "MX_SIDECAR_TIMEOUT": "2"})
+    assert tgt.sidecar is not None
+    tgt.sidecar.wait_for(r"failpoint before_read", 60)  # prepared, about to READ into the loader's buffers
+    tgt.sidecar.signal(signal.SIGKILL)
+    t0 = time.monotonic()
+    assert tgt.exit_code(60) == 4
+    assert time.monotonic() - t0 < 30
+    tgt.proc.wait_for(r"went silent mid-transfer and no new sidecar took over; nothing was written", 1)
+    tgt.proc.wait_for(r"receive buffers .* stay allocated until this process exits", 1)
+    assert not any(p.is_file() for p in out.rglob("*"))
+
+
+def test_a_model_directory_round_trips_byte_identical_over_two_ranks_with_child_sidecars(nodes, tmp_path,
+                                                                                          redis_server):
     src = make_model_dir(tmp_path / "hf")
     pub = nodes("pub", ["publish", str(src), "--model-name", "tiny-hf", "--ranks", "2", "--with-sidecar"],
                 sidecar=False)
@@ -181,4 +215,10 @@ def test_a_model_directory_round_trips_byte_identical_over_two_ranks_with_child_
     assert (out / "generation_config.json").read_bytes() == b""
     assert not (out / ".cache").exists() and not (out / ".gitattributes").exists()
     assert not list(out.glob(".mx-incoming-*"))
-    tgt.proc.wait_for(r"withdrew .* from the sources", 10)  # the child sidecar left Redis when the loader finished
+    # The child sidecar ends with the loader (SIGTERM; killed after 15 s if it hangs) and its source record goes
+    # (withdrawn, or expired within MX_SOURCE_TTL): only the publisher's remains.
+    r = redis.Redis.from_url(redis_server.url)
+    deadline = time.monotonic() + 25
+    while len(list(r.scan_iter("mx:*:src:*"))) != 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(list(r.scan_iter("mx:*:src:*"))) == 1
