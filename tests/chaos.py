@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -21,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=int(time.time()))
     p.add_argument("--only", default="")
     p.add_argument("--out", default="docs/benchmarks/chaos.json")
+    p.add_argument("--keep", default="/tmp/mx-chaos-logs", help="where logs of blocked or wrong runs are kept")
     args = p.parse_args(argv)
     rng = random.Random(args.seed)
     names = [n for n in SCENARIOS if not args.only or n in args.only.split(",")]
@@ -40,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
                 out = Outcome(name, "blocked", False, time.monotonic() - t0, f"harness: {e}")
             finally:
                 lab.close()
+            if out.outcome == "blocked" or out.wrong:  # keep the process logs of anything to look at
+                shutil.copytree(work, Path(args.keep) / f"run{i}-{name}", dirs_exist_ok=True,
+                                ignore=shutil.ignore_patterns("*.sock"))
             outcomes.append(out)
             print(f"[{i + 1}/{args.runs}] {out.scenario}: {out.outcome}{' WRONG' if out.wrong else ''} "
                   f"{out.recover_s:.1f}s {out.note}", flush=True)
