@@ -53,7 +53,7 @@ typecheck: venv
 	$(BIN)/mypy sidecar runtime_hooks
 
 bench: venv
-	$(BIN)/python -m sidecar.bench
+	$(BIN)/python -m sidecar.bench --json docs/benchmarks/cpu.json
 
 # On a GPU machine (or via the device tool): see tests/gpu/README.md
 gpu-check:
