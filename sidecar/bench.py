@@ -3,13 +3,15 @@
 - pipeline GB/s for >= 1 GiB in >= 500 tensors (TP=2) vs a single-process memcpy of the same tensors;
 - sidecar start-up: NIXL agent creation, handle import, registration;
 - target time-to-ready vs loading the same safetensors from disk (cold and warm page cache).
-Runs direct and staged source modes. Prints a markdown table.
+Runs direct and staged source modes. Prints a markdown table; with --json PATH also writes the figures there
+(`make bench` writes docs/benchmarks/cpu.json).
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import os
 import platform
 import re
@@ -60,6 +62,8 @@ def run_mode(ckpt: Path, url: str, work: Path, mode: str) -> dict[str, float]:
             transfer_s = max(float(x) for x in re.findall(r"phase=transfer [\d.]+ GB in ([\d.]+)s", log))
             verify = re.findall(r"phase=verify .*, ([\d.]+)s after the last byte", log)
             verify_s = max([float(x) for x in verify] or [0.0])
+            setup = re.findall(r"; setup ([\d.]+)s, stream", log)
+            setup_s = max([float(x) for x in setup] or [0.0])
             ok = all(tgt_res[r]["digests"] == src_res[r]["digests"] for r in range(tgt.tp))
             outcomes = {tgt_res[r]["outcome"] for r in range(tgt.tp)}
             if not ok or outcomes != {"received"}:
@@ -70,6 +74,7 @@ def run_mode(ckpt: Path, url: str, work: Path, mode: str) -> dict[str, float]:
                 "tensors": sum(tgt_res[r]["tensors"] for r in range(tgt.tp)),
                 "transfer_s": transfer_s,
                 "verify_s": verify_s,
+                "setup_s": setup_s,
                 "receive_s": _metric(text, "mx_transfer_duration_seconds_sum", 'role="target"'),
                 "agents_s": _metric(text, "mx_startup_seconds", 'phase="agents"'),
                 "import_s": _metric(text, "mx_startup_seconds", 'phase="import"'),
@@ -89,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--workdir", default=".bench")
     p.add_argument("--modes", default="direct,staged")
+    p.add_argument("--json", default="", help="also write the figures to this file")
     args = p.parse_args(argv)
     root = Path(args.workdir).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -119,10 +125,43 @@ def main(argv: list[str] | None = None) -> int:
               f"{gbps / memcpy:.2f}x | {r['verify_s']:.3f} | {r['agents_s']:.2f} | {r['import_s']:.3f} | "
               f"{r['register_s']:.3f} | {r['engine_ready_s']:.2f} | {cold / r['engine_ready_s']:.2f}x | "
               f"{warm / r['engine_ready_s']:.2f}x |")
+    if args.json:
+        write_json(Path(args.json), results, memcpy, cold, warm, ckpt_bytes)
     print("\n`transfer` is the slowest rank's NIXL pipeline (ranks run in parallel); `target engine ready` runs from "
           "the target engine building its tensors to its release (connect, role, import, agents, transfer, "
           "verification included; process start and torch import excluded).")
     return 0
+
+
+def write_json(path: Path, results: dict[str, dict[str, float]], memcpy: float, cold: float, warm: float,
+               ckpt_bytes: int) -> None:
+    """The machine-readable figures (keys shared with docs/benchmarks/gpu-1x.json where they apply)."""
+    best = max(results, key=lambda m: results[m]["bytes"] / results[m]["transfer_s"])
+    r = results[best]
+    pipeline = r["bytes"] / 1e9 / r["transfer_s"]
+    load = os.getloadavg()
+    doc = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{os.cpu_count()} cores {platform.machine()}, Python {platform.python_version()}",
+        "load_average_1m_at_end": round(load[0], 2),
+        "model": f"Llama-shaped {BENCH}, TP=2, checkpoint {ckpt_bytes} bytes bf16",
+        "tensors": int(r["tensors"]),
+        "bytes": int(r["bytes"]),
+        "best_mode": best,
+        "pipeline_gbps": round(pipeline, 3),
+        "memcpy_gbps": round(memcpy, 3),
+        "ratio": round(pipeline / memcpy, 3),
+        "import_s": round(r["import_s"], 4),
+        "setup_s": round(r["setup_s"], 4),
+        "verify_s": round(r["verify_s"], 4),
+        "target_ready_s": round(r["engine_ready_s"], 3),
+        "disk_cold_s": round(cold, 3),
+        "disk_warm_s": round(warm, 3),
+        "modes": {m: {k: round(v, 4) if isinstance(v, float) else v for k, v in x.items()}
+                  for m, x in results.items()},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1) + "\n")
 
 
 def _numel(shape: list[int]) -> int:

@@ -72,14 +72,16 @@ from sidecar.checksum_kernel import mxs1_blocks
 from sidecar.cuda_memory import _P31, _format_checksum, combine_blocks, plan_blocks, reference_checksum
 buf = torch.from_numpy(np.random.default_rng(1).integers(0, 256, 1 << 16, dtype=np.uint8))
 raw, base, block = buf.numpy().tobytes(), buf.data_ptr(), 256
-items = [(0, 4), (4, 1020), (1024, 4 * block), (8192, 4 * block + 4), (20000, 3 * 4 * block + 8), (0, 1 << 16)]
-meta, starts = plan_blocks([(base + o, n // 4) for o, n in items], block)
-out = torch.empty(2 * meta.shape[1], dtype=torch.int64)
-t = torch.from_numpy(meta)
-mxs1_blocks[(meta.shape[1],)](t[0], t[1], t[2], out, P=_P31, BLOCK=block)
-s0, s1 = combine_blocks(out.numpy(), starts)
-got = [_format_checksum(n, int(a), int(b)) for (o, n), a, b in zip(items, s0, s1)]
-assert got == [reference_checksum(raw[o:o + n]) for o, n in items], got
+for items in ([(0, 4), (4, 1020), (1024, 4 * block), (8192, 4 * block + 4), (20000, 3 * 4 * block + 8)],
+              [(0, 4), (4, 1020), (1024, 4 * block), (8192, 4 * block + 4), (20000, 3 * 4 * block + 8), (0, 1 << 16)]):
+    meta, starts = plan_blocks([(base + o, n // 4) for o, n in items], block)
+    assert meta.shape[1] % 2 == 0, meta.shape  # 16-byte aligned rows: one compiled variant of the kernel
+    out = torch.empty(2 * meta.shape[1], dtype=torch.int64)
+    t = torch.from_numpy(meta)
+    mxs1_blocks[(meta.shape[1],)](t[0], t[1], t[2], out, P=_P31, BLOCK=block)
+    s0, s1 = combine_blocks(out.numpy(), starts)
+    got = [_format_checksum(n, int(a), int(b)) for (o, n), a, b in zip(items, s0, s1)]
+    assert got == [reference_checksum(raw[o:o + n]) for o, n in items], got
 print("ok", meta.shape[1])
 """
     env = {**os.environ, "TRITON_INTERPRET": "1"}

@@ -6,6 +6,7 @@ sidecar run`. Equality is proven by outputs (greedy tokens) and by per-tensor di
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ pytest.importorskip("vllm.model_executor")
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
 from sidecar.embedded_redis import EmbeddedRedis  # noqa: E402
-from tests.vllm.replica import VllmReplica  # noqa: E402
+from tests.vllm.replica import REPO, VllmReplica  # noqa: E402
 from tests.vllm.tiny_llama import make_tiny_llama  # noqa: E402
 
 SIDECAR_TIMEOUT = 3
@@ -86,6 +87,24 @@ def test_without_a_sidecar_vllm_starts_from_storage_within_the_timeout_and_says_
     assert lonely.outcomes(res) == ["loaded_without_sidecar"]
     assert res["tokens"] == plain_tokens
     lonely.engine.wait_for(rf"rank 0: no sidecar answered for {SIDECAR_TIMEOUT}s; loading from storage", 1)
+
+
+def test_a_vllm_lacking_what_the_plugin_uses_starts_from_storage_with_its_default_loader_and_says_so(
+        ckpt, work, replicas, plain_tokens):
+    # In every process of this engine, vLLM's DummyModelLoader is gone after vLLM imported it for itself
+    # (tests/vllm/hide_api/sitecustomize.py): the plugin registers, then hands the load to vLLM's default loader.
+    hidden = "vllm.model_executor.model_loader.dummy_loader:DummyModelLoader"
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests" / "vllm" / "hide_api"),
+                                          os.environ.get("PYTHONPATH", "")]),
+           "MX_TEST_HIDE_VLLM_API": hidden, "MX_SIDECAR_TIMEOUT": "600"}
+    r = _start(replicas, "hidden", ckpt, work, sidecar=False, extra_env=env, engine_args=["--exit-after-ready"])
+    res = r.result()
+    assert r.outcomes(res) == ["loaded_by_vllm"]
+    assert res["tokens"] == plain_tokens
+    lines = [ln for ln in r.engine.lines if "lacks what the mx loader needs" in ln]
+    assert len(lines) == 1, lines
+    assert "vllm.model_executor.model_loader.dummy_loader.DummyModelLoader" in lines[0]
+    assert "vLLM 0." in lines[0] and "default loader reads storage" in lines[0]
 
 
 def test_a_target_prepared_on_dummy_weights_has_exactly_the_source_layout_and_refreshes_after_receive(lonely):

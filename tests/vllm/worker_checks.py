@@ -21,6 +21,7 @@ def adapter_steps(worker: Any) -> dict[str, Any]:
     from vllm.model_executor.model_loader import get_model_loader
     from vllm.utils.torch_utils import set_default_torch_dtype
 
+    from runtime_hooks import vllm_compat
     from runtime_hooks.exposure import compute_fingerprint
     from runtime_hooks.vllm import VllmAdapter, forget_model_layers
 
@@ -31,7 +32,7 @@ def adapter_steps(worker: Any) -> dict[str, Any]:
 
     def build() -> torch.nn.Module:
         with set_default_torch_dtype(model_config.dtype), device:
-            return loader.create_model(vllm_config=vllm_config, model_config=model_config)
+            return vllm_compat.create_model(loader, vllm_config, model_config)
 
     out: dict[str, Any] = {"loader": type(loader).__name__}
     with set_current_vllm_config(vllm_config), set_default_torch_dtype(model_config.dtype):
