@@ -54,9 +54,10 @@ Guard = Callable[[], str]  # '' while this session may write the rank, else why 
 
 
 class StreamingVerifier:
-    """Checksums each entry in a worker thread as soon as its last byte landed, while later chunks still stream.
+    """Checksums entries in a worker thread as soon as their last byte landed, while later chunks still stream.
 
-    Measured on 2x H200: checksumming 9.65 GiB after the transfer took 0.23 s, twice the transfer itself.
+    Measured on 2x H200: checksumming 9.65 GiB after the transfer took 0.23 s, twice the transfer itself; one
+    launch per tensor cost 0.14 s of it for 1011 tensors, one batched launch per chunk 0.02 s (docs/VLLM.md).
     Entries are only read here once complete and never written again by this attempt, so the overlap is safe.
     """
 
@@ -64,24 +65,33 @@ class StreamingVerifier:
         self._rank = rank
         self._left = [e.nbytes for e in rank.manifest.tensors]
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"mx-verify-{rank.rank}")
-        self._futs: dict[int, Future[str]] = {}
+        self._futs: dict[int, tuple[Future[list[str]], int]] = {}
 
     def chunk_done(self, chunk: Chunk) -> None:
+        done = []
         for p in chunk.pieces:
             self._left[p.entry] -= p.nbytes
             if self._left[p.entry] == 0:
-                self._submit(p.entry)
+                done.append(p.entry)
+        if done:
+            self._submit(done)
 
-    def _submit(self, i: int) -> None:
-        e = self._rank.manifest.tensors[i]
-        self._futs[i] = self._pool.submit(self._rank.ops.checksum, self._rank.entry_addrs[i], e.nbytes)
+    def _submit(self, idx: list[int]) -> None:
+        tensors, addrs = self._rank.manifest.tensors, self._rank.entry_addrs
+        fut = self._pool.submit(self._rank.ops.checksum_many, [(addrs[i], tensors[i].nbytes) for i in idx])
+        for k, i in enumerate(idx):
+            self._futs[i] = (fut, k)
 
     async def results(self) -> list[str]:
-        for i in range(len(self._left)):
-            if i not in self._futs:  # zero-byte entries (no chunk names them)
-                self._submit(i)
+        rest = [i for i in range(len(self._left)) if i not in self._futs]  # zero-byte entries (no chunk names them)
+        if rest:
+            self._submit(rest)
         try:
-            return [await asyncio.wrap_future(self._futs[i]) for i in range(len(self._left))]
+            out = []
+            for i in range(len(self._left)):
+                fut, k = self._futs[i]
+                out.append((await asyncio.wrap_future(fut))[k])
+            return out
         finally:
             self.close()
 
