@@ -13,6 +13,7 @@ import os
 import queue
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -98,14 +99,20 @@ class RankHook:
         self._used_ids: dict[str, set[int]] = {}
         self._commands: queue.Queue[_Command | None] = queue.Queue()
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-        self._wake_addr = f"inproc://mx-hook-wake-{id(self)}"
+        # Unique per hook: id(self) was reused by a hook whose construction failed, whose inproc name stayed bound.
+        self._wake_addr = f"inproc://mx-hook-wake-{uuid.uuid4().hex}"
         self._replies: queue.Queue[tuple[bytes, Reply]] = queue.Queue()
         self._wake_recv = self._ctx.socket(zmq.PULL)
         self._wake_recv.bind(self._wake_addr)
         self._wake_send = self._ctx.socket(zmq.PUSH)
         self._wake_send.connect(self._wake_addr)
         self._wake_lock = threading.Lock()
-        self._sock = self._bind()
+        try:
+            self._sock = self._bind()
+        except BaseException:
+            self._wake_send.close(0)
+            self._wake_recv.close(0)
+            raise
         self._closed = False
         self._thread = threading.Thread(target=self._serve, name=f"mx-hook-{self.rank}", daemon=True)
         self._thread.start()

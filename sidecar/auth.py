@@ -50,8 +50,11 @@ class Keyring:
         st = p.stat()  # FileNotFoundError names the path: a clear start-up error
         if st.st_mode & stat.S_IWOTH:
             raise ValueError(f"{path}: the deployment key file is world-writable")
-        key = p.read_bytes().strip()
-        return cls(key)
+        data = p.read_bytes()
+        # A text key (`openssl rand -base64 32`, a Secret's stringData) loses its surrounding whitespace; a binary
+        # key is taken as it is: stripping it cut random bytes that happened to be whitespace (seen in CI).
+        text = all(32 <= b < 127 or b in (9, 10, 13) for b in data)
+        return cls(data.strip() if text else data)
 
     @classmethod
     def from_env(cls) -> Keyring:

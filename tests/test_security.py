@@ -183,3 +183,15 @@ def test_with_a_key_a_redis_reader_cannot_load_a_sidecars_nixl_metadata(replicas
             intruder.add_peer(body, rec.ranks[0].agent)
     finally:
         intruder.close()
+
+
+def test_a_binary_key_keeps_its_whitespace_bytes_and_a_text_key_loses_its_newline(tmp_path):
+    raw = b"\x00 " + b"k" * 30 + b" \n"  # binary (a NUL byte) with whitespace at both ends: every byte counts
+    binary = tmp_path / "bin"
+    binary.write_bytes(raw)
+    assert Keyring.from_file(str(binary)).mac("peer", b"x") == Keyring(raw).mac("peer", b"x")
+    text = tmp_path / "txt"
+    text.write_bytes(b"  " + b"k" * 34 + b" \n")  # as `openssl rand -base64` or a Secret's stringData writes it
+    assert Keyring.from_file(str(text)).mac("peer", b"x") == Keyring(b"k" * 34).mac("peer", b"x")
+    with pytest.raises(FileNotFoundError):
+        Keyring.from_file(str(tmp_path / "missing"))
