@@ -223,20 +223,26 @@ class Coordinator:
                 continue
             if not _fresh(hb, now):  # freshness check on top of the key's TTL
                 continue
-            try:
-                rec = open_record(self._keys, self._k(fp, "src", rid), blob, self._max_record)
-            except AuthError as e:
-                self._on_auth_fail(rid, e.reason)
-                continue
-            except ProtocolError as e:
-                log.warning("ignoring source %s: %s", rid, e)
-                continue
-            if rec.fingerprint != fp or rec.replica != rid:
-                log.warning("ignoring source %s: record names another replica or model", rid)
-                continue
-            out.append(Candidate(rec, _count(readers), rec.node == self._node))
+            cand = self._candidate(self._k(fp, "src", rid), fp, rid, blob, readers)
+            if cand is not None:
+                out.append(cand)
         out.sort(key=lambda c: (not c.same_node, c.readers, c.record.replica))
         return out
+
+    def _candidate(self, key: str, fp: str, rid: str, blob: bytes, readers: object) -> Candidate | None:
+        """A source from its sealed record, or None (refused: counted and logged)."""
+        try:
+            rec = open_record(self._keys, key, blob, self._max_record)
+        except AuthError as e:
+            self._on_auth_fail(rid, e.reason)
+            return None
+        except ProtocolError as e:
+            log.warning("ignoring source %s: %s", rid, e)
+            return None
+        if rec.fingerprint != fp or rec.replica != rid:
+            log.warning("ignoring source %s: record names another replica or model", rid)
+            return None
+        return Candidate(rec, _count(readers), rec.node == self._node)
 
     async def sources_of_model(self, model: str) -> list[Candidate]:
         """Fresh sources of every fingerprint whose record names `model`. Read-only.
@@ -263,17 +269,12 @@ class Coordinator:
             try:
                 if _head_decoder.decode(decode_sealed(blob, self._max_record).body).model != model:
                     continue
-                rec = open_record(self._keys, key, blob, self._max_record)
-            except AuthError as e:
-                self._on_auth_fail(rid, e.reason)
-                continue
             except (msgspec.DecodeError, ProtocolError) as e:
                 log.warning("ignoring source %s: %s", rid, e)
                 continue
-            if rec.fingerprint != fp or rec.replica != rid:
-                log.warning("ignoring source %s: record names another replica or model", rid)
-                continue
-            out.append(Candidate(rec, _count(readers), rec.node == self._node))
+            cand = self._candidate(key, fp, rid, blob, readers)
+            if cand is not None:
+                out.append(cand)
         out.sort(key=lambda c: (not c.same_node, c.readers, c.record.replica))
         return out
 

@@ -11,16 +11,7 @@ import pytest
 from runtime_hooks.toy_engine import SMALL, make_checkpoint
 from sidecar.embedded_redis import EmbeddedRedis
 from sidecar.replica_procs import Replica
-
-# Fast failure detection for tests; still well above what a loaded 2-core CI box needs per step.
-FAST_ENV = {
-    "MX_HEARTBEAT_INTERVAL": "0.5",
-    "MX_SOURCE_TTL": "3",
-    "MX_SEED_LEASE_TTL": "3",
-    "MX_POLL_INTERVAL": "0.1",
-    "MX_STALL_TIMEOUT": "10",
-    "MX_LOG_LEVEL": "info",
-}
+from tests.faults import FAST_ENV
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ import redis
 from sidecar.embedded_redis import EmbeddedRedis
 from sidecar.replica_procs import Replica
 
+# Fast failure detection for tests; still well above what a loaded 2-core CI box needs per step.
 FAST_ENV = {
     "MX_HEARTBEAT_INTERVAL": "0.5",
     "MX_SOURCE_TTL": "3",

@@ -11,15 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.replica_procs import Proc
-
-FAST_ENV = {
-    "MX_HEARTBEAT_INTERVAL": "0.5",
-    "MX_SOURCE_TTL": "3",
-    "MX_SEED_LEASE_TTL": "3",
-    "MX_POLL_INTERVAL": "0.1",
-    "MX_STALL_TIMEOUT": "10",
-    "MX_LOG_LEVEL": "info",
-}
+from tests.faults import FAST_ENV
 
 # A stand-in for TensorRT-LLM's engine builder: records its argv, writes config.json and rank{N}.engine for the
 # checkpoint's world size, or fails when FAKE_TRTLLM_FAIL is set. A real executable on PATH, run by the loader.
