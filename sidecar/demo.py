@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -69,19 +70,26 @@ def main(argv: list[str] | None = None) -> int:
         redis = EmbeddedRedis().start()
         url = redis.url
         print(f"started embedded Redis at {url}")
+    # As deployed: a deployment key authenticates records, peer messages and engine commands (README: trust model).
+    key_env = {}
+    if not os.environ.get("MX_AUTH_KEY_FILE"):
+        key = work / "deployment.key"
+        key.write_bytes(secrets.token_bytes(32))
+        key.chmod(0o600)
+        key_env = {"MX_AUTH_KEY_FILE": str(key)}
     replicas: list[Replica] = []
     try:
         cold = disk_load_seconds(ckpt, 2, cold=True)
         warm = disk_load_seconds(ckpt, 2, cold=False)
         t0 = time.monotonic()
-        src = Replica("source", ckpt, url, work)
+        src = Replica("source", ckpt, url, work, extra_env=key_env)
         replicas.append(src)
         src_res = src.engine_results(timeout=300)
         src.wait_serving(timeout=300)
         print(f"source: {', '.join(r['outcome'] for r in src_res.values())} in {time.monotonic() - t0:.2f}s; "
               "published")
         t1 = time.monotonic()
-        tgt = Replica("target", ckpt, url, work)
+        tgt = Replica("target", ckpt, url, work, extra_env=key_env)
         replicas.append(tgt)
         tgt_res = tgt.engine_results(timeout=300)
         ready_s = time.monotonic() - t1
