@@ -48,6 +48,14 @@ __all__ = ["FilePublisher", "FileReceiver", "FilesError", "ReceiveResult", "Sour
            "read_source_records", "wait_for_source"]
 
 
+def _close_hooks(hooks: list[RankHook]) -> None:
+    """Close every rank's hook, then give the file buffers' GPU memory back (publisher and receiver alike)."""
+    for h in hooks:
+        h.close()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class FilesError(RuntimeError):
     """A file-level publication or receive that cannot go on; the message says what to do."""
 
@@ -268,12 +276,8 @@ class FilePublisher:
         return self.outcomes
 
     def shutdown(self) -> None:
-        for h in self.hooks:
-            h.close()
-        self.hooks = []
-        self.adapters = []
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        _close_hooks(self.hooks)
+        self.hooks, self.adapters = [], []
 
 
 class SidecarVanished(FilesError):
@@ -625,9 +629,5 @@ class FileReceiver:
 
     def shutdown(self) -> None:
         """Stop serving the received files (the hooks close; the sidecar withdraws once it notices)."""
-        for h in self.hooks:
-            h.close()
-        self.hooks = []
-        self.adapters = []
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        _close_hooks(self.hooks)
+        self.hooks, self.adapters = [], []

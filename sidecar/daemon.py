@@ -66,6 +66,7 @@ class Daemon:
                                  self.failpoints)
         self._t_start = time.monotonic()
         self._released = False
+        self._role = "unknown"
         self._no_verdict = False  # fenced out: never tell the engine anything again
         self._exit_code = 0
 
@@ -228,7 +229,7 @@ class Daemon:
         if not self._released:
             self._released = True
             dt = time.monotonic() - self._t_start
-            self.metrics.time_to_ready.labels(self.engine.model, getattr(self, "_role", "source")).set(dt)
+            self.metrics.time_to_ready.labels(self.engine.model, self._role).set(dt)
             self.log.info("engine released %.2fs after sidecar start", dt)
 
     def _auth_failed(self, channel: str, who: str, reason: str) -> None:

@@ -31,7 +31,7 @@ from sidecar.rank_memory import RankMemory
 from sidecar.transport import TransferError, Transport
 
 DIRECT_WINDOW = 4  # READs in flight in direct mode; staged mode is bounded by the source's slots
-MAX_CHUNKS = 1_000_000  # with the 64 KiB minimum slot that is 64 GB per rank; beyond it a plan is refused
+MAX_CHUNKS = 1_000_000  # a target's cap, tighter than the planner's default; the planner refuses before building
 
 
 class VerifyError(RuntimeError):
@@ -148,12 +148,10 @@ async def pull_rank(
                 slot_bytes = {n for _, n in src.slots}
                 if len(slot_bytes) != 1:
                     raise PlanError("source slots of unequal size")
-                chunks = chunk_plan(rank.manifest.tensors, slot_bytes.pop())
-                _check_chunk_count(chunks)
+                chunks = chunk_plan(rank.manifest.tensors, slot_bytes.pop(), MAX_CHUNKS)
                 moved = await _staged(cfg, reads, session, src, rank, chunks, inbox, progress, deadline, keys)
             else:
-                chunks = chunk_plan(rank.manifest.tensors, cfg.staging_slot_bytes)
-                _check_chunk_count(chunks)
+                chunks = chunk_plan(rank.manifest.tensors, cfg.staging_slot_bytes, MAX_CHUNKS)
                 moved = await _direct(cfg, reads, src, rank, chunks, progress, deadline)
         ok = True
     except TransferError as e:
@@ -187,11 +185,6 @@ async def pull_rank(
     log.info("phase=transfer %.2f GB in %.3fs (%.2f GB/s, %s; setup %.3fs, stream %.2f GB/s)", moved / 1e9, dt,
              moved / 1e9 / max(dt, 1e-9), src.mode, setup, stream, rank=rank.rank, peer=src.agent)
     return moved, verifier
-
-
-def _check_chunk_count(chunks: list[Chunk]) -> None:
-    if len(chunks) > MAX_CHUNKS:
-        raise PlanError(f"{len(chunks)} chunks exceed the limit of {MAX_CHUNKS} (slots too small?)")
 
 
 class _Reads:

@@ -175,15 +175,6 @@ class Transport:
             raise TransferError(f"READ from {peer} failed to start")
         return handle
 
-    def cancel(self, handle: Any) -> bool:
-        """Abort an in-flight READ. True when NIXL released it (UCX cancels the request: nothing more lands)."""
-        try:
-            self.agent.release_xfer_handle(handle)
-            return True
-        except Exception as e:  # NIXL refuses to release a transfer it cannot abort
-            log.warning("cannot cancel an in-flight READ: %s", e)
-            return False
-
     def disconnect(self, name: str) -> None:
         """Drop a remote agent whatever its reference count: its endpoint closes and its requests fail."""
         self._peers.pop(name, None)
