@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+import msgspec
 import torch
 import zmq
 
@@ -96,6 +97,8 @@ class RankHook:
         self._session = RankSession(self._cfg.sidecar_timeout)
         self._error = ""
         self._manifest: Manifest = build_manifest(self._identity, self._fingerprint, tensors, expose=False)
+        if all(t.device.type == "cuda" for t in tensors.values()):
+            self._offer_provisional_handles(tensors)  # no side effect on GPU: the sidecar may map them at connect
         self._used_ids: dict[str, set[int]] = {}
         self._commands: queue.Queue[_Command | None] = queue.Queue()
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
@@ -185,9 +188,30 @@ class RankHook:
         adapter creates later (post-processing) are shared at expose time as before.
         """
         t0 = time.monotonic()
-        n = share_cpu_storages(self._adapter.discover_tensors())
+        tensors = self._adapter.discover_tensors()
+        n = share_cpu_storages(tensors)
         if n:
             log.info("rank %d: %d storages moved to shared memory in %.2fs", self.rank, n, time.monotonic() - t0)
+        if not self._manifest.handles and self._session.state == "waiting":
+            self._offer_provisional_handles(tensors)
+
+    def _offer_provisional_handles(self, tensors: dict[str, torch.Tensor]) -> None:
+        """List the memory handles of the tensors as they stand, before any load or post-processing.
+
+        The sidecar maps them while it decides its role and the engine prepares, so that mapping the final
+        manifest afterwards mostly finds them mapped already (0.19 s for 451 handles on an H200 before). Only
+        the handles are offered (`exposed` stays false, no entries): the layout is final only once exposed, and
+        the sidecar locates and writes tensors through the final manifest alone.
+        """
+        try:
+            m = build_manifest(self._identity, self._fingerprint, tensors, expose=True)
+        except Exception as e:  # e.g. VMM memory: the final exposure reports it where it matters
+            log.info("rank %d: handles are offered only once exposed (%s)", self.rank, e)
+            return
+        provisional = msgspec.structs.replace(self._manifest, handles=m.handles)
+        with self._lock:
+            if self._session.state == "waiting" and not self._manifest.exposed:
+                self._manifest = provisional
 
     def _load_without_sidecar(self) -> Outcome:
         with self._lock:

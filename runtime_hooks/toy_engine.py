@@ -94,11 +94,16 @@ class ToyAdapter(TorchModuleAdapter):
     post-processing ran (vLLM's is not idempotent: it must run once per engine life)."""
 
     prepare_delay = 0.0
+    prepare_realloc = 0  # tensors that post-processing moves to new memory (as a repacking engine does)
     load_delay = 0.0
     prepared = 0
 
     def prepare_target(self) -> None:
         time.sleep(self.prepare_delay)
+        tensors = self.discover_tensors()
+        for name in sorted(tensors)[: self.prepare_realloc]:
+            old = tensors[name]
+            self._source[name] = torch.full_like(old, 7) if old.is_floating_point() else torch.zeros_like(old)  # type: ignore[index]
         self.prepared += 1
 
     load_delay = 0.0  # seconds a storage load takes on top of the read (a slow bucket, for tests)
@@ -133,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-digests", action="store_true", help="skip the per-tensor digests (large GPU models)")
     p.add_argument("--prepare-delay", type=float, default=0.0, help="seconds of (simulated) post-processing")
     p.add_argument("--load-delay", type=float, default=0.0, help="seconds added to each storage load")
+    p.add_argument("--prepare-realloc", type=int, default=0,
+                   help="tensors that prepare_target moves to new memory (their old handles go stale)")
     args = p.parse_args(argv)
     meta = json.loads((Path(args.checkpoint) / "config.json").read_text())
     cfg, dtype_name = meta["mx_toy"], meta["dtype"]
@@ -172,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         ident = ModelIdentity(args.model_id, args.revision, dtype_name, rank, args.tp)
         adapter = ToyAdapter(tensors, ident, args.checkpoint)
         adapter.prepare_delay, adapter.load_delay = args.prepare_delay, args.load_delay
+        adapter.prepare_realloc = args.prepare_realloc
         hook = RankHook(adapter, args.address)
         with lock:
             hooks.append(hook)

@@ -11,7 +11,8 @@ from sidecar.coordinator import Coordinator
 from sidecar.failpoints import Failpoints
 from sidecar.logs import Ctx
 from sidecar.metrics import Metrics
-from sidecar.protocol import Manifest
+from sidecar.prefetch import HandlePrefetch
+from sidecar.protocol import CudaIpcHandle, Manifest
 from sidecar.rank_memory import RankMemory
 from sidecar.transport import Transport
 
@@ -29,6 +30,7 @@ class Agents:
         self._creating: set[tuple[str, int]] = set()
         self._early: asyncio.Task[None] | None = None
         self.create_s = 0.0
+        self.prefetch: HandlePrefetch | None = None  # the engine's handles mapped ahead, for the first import
 
     def start_early(self) -> None:
         """Agents for every visible GPU (else host memory), before the engine is even up (0.5-1.3 s each)."""
@@ -52,17 +54,39 @@ class Agents:
         if missing:
             self.create_s = max(self.create_s, time.monotonic() - t0)
 
+    async def ready(self) -> None:
+        if self._early is not None:
+            await self._early
+
+    def transport_for(self, m: Manifest) -> Transport | None:
+        """The agent a rank's memory will be registered with, known before the engine prepares: host memory, or
+        the GPU of the handles the engine offered (none offered: unknown until exposed)."""
+        if m.memory_kind == "shm":
+            return self.transports.get(("DRAM", 0))
+        if m.handles and isinstance(m.handles[0], CudaIpcHandle):
+            from sidecar.cuda_memory import device_index_for_uuid
+
+            return self.transports.get(("VRAM", device_index_for_uuid(m.handles[0].device_uuid)))
+        return None
+
     async def import_ranks(self, manifests: list[Manifest], old: dict[int, RankMemory], model: str,
                            metrics: Metrics, log: Ctx) -> dict[int, RankMemory]:
         """Map every rank's handles and register them (per allocation segment). Old ranks are deregistered first."""
+        prefetch, self.prefetch = self.prefetch, None
+        mapped = await prefetch.take() if prefetch is not None else {}
+        ahead = len(mapped)
         t0 = time.monotonic()
         for rm in old.values():
             rm.close()
-        ranks = {m.tp_rank: RankMemory.import_manifest(m) for m in manifests}
+        try:
+            ranks = {m.tp_rank: RankMemory.import_manifest(m, mapped) for m in manifests}
+        finally:
+            ahead -= len(mapped)
+            for r in mapped.values():  # handles the engine replaced while preparing
+                r.close()
         t_import = time.monotonic() - t0
         t1 = time.monotonic()
-        if self._early is not None:
-            await self._early  # usually done: started with the daemon
+        await self.ready()  # usually done: started with the daemon
         await self.ensure({(rm.mem_type, rm.device_id) for rm in ranks.values()})
         t_agents = time.monotonic() - t1
         t2 = time.monotonic()
@@ -71,11 +95,12 @@ class Agents:
         t_reg = time.monotonic() - t2
         engine_bytes = sum(r.nbytes for rm in ranks.values() for r in rm.regions)
         metrics.registered_bytes.labels(model, "engine").set(engine_bytes)
-        for phase, v in (("import", t_import), ("register", t_reg), ("agents", self.create_s)):
+        for phase, v in (("import", t_import), ("register", t_reg), ("agents", self.create_s),
+                         ("prefetch", prefetch.seconds if prefetch is not None else 0.0)):
             metrics.startup_seconds.labels(model, phase).set(v)
-        log.info("phase=import_register %.2fs (import %.3fs of %d handles, agents wait %.2fs, register %.3fs, "
-                 "%.2f GB)", time.monotonic() - t0, t_import, sum(len(m.handles) for m in manifests), t_agents,
-                 t_reg, engine_bytes / 1e9)
+        log.info("phase=import_register %.2fs (import %.3fs of %d handles, %d mapped ahead, agents wait %.2fs, "
+                 "register %.3fs, %.2f GB)", time.monotonic() - t0, t_import, sum(len(m.handles) for m in manifests),
+                 ahead, t_agents, t_reg, engine_bytes / 1e9)
         return ranks
 
     async def put_all(self, coord: Coordinator) -> None:

@@ -26,6 +26,7 @@ from sidecar.failpoints import Failpoints
 from sidecar.logs import Ctx
 from sidecar.metrics import HttpServer, Metrics
 from sidecar.peers import PeerRouter
+from sidecar.prefetch import HandlePrefetch
 from sidecar.protocol import Reply
 from sidecar.publishing import Publisher
 from sidecar.pulling import FenceError, Superseded
@@ -115,6 +116,7 @@ class Daemon:
         self.agents.start_early()
         manifests = await self.engine.connect(ctx)
         self._named()
+        self._prefetch_handles()
         self.sup.spawn("keepalive", self.engine.keepalive())
         replies = await self.engine.states()
         if all(r.state == "ready" for r in replies):
@@ -155,20 +157,33 @@ class Daemon:
     async def _as_target(self, candidates: list[Candidate]) -> None:
         self._set_role("target")
         t0 = time.monotonic()
-        manifests = await self.engine.all("prepare_target", self.cfg.load_timeout)  # pings go on meanwhile
+        ahead = asyncio.ensure_future(self._set_up_ahead(candidates[0]))
+        try:
+            manifests = await self.engine.all("prepare_target", self.cfg.load_timeout)  # pings go on meanwhile
+        except BaseException:
+            ahead.cancel()
+            raise
         self.log.info("phase=prepare_target %.2fs", time.monotonic() - t0)
+        await ahead
+        # Published before engine memory is registered: the source needs it only to answer us, and a holder of
+        # metadata that lists registered memory can WRITE it (docs/SECURITY-NIXL.md).
+        await self.agents.put_all(self.coord)
         ranks = await self.agents.import_ranks(manifests, self.publisher.ranks, self.engine.model, self.metrics,
                                                self.log)
         self.publisher.ranks = ranks
-        await self.agents.put_all(self.coord)
-        for cand in candidates[: self.cfg.max_source_attempts]:
-            if await self.receiver.receive_from(cand, ranks):  # returns only with no READ in flight
-                t1 = time.monotonic()
-                await self.engine.all("weights_ready", self.cfg.load_timeout)
-                self.log.info("phase=release %.2fs: engine continues on verified weights", time.monotonic() - t1)
-                self._release_noted()
-                await self.publisher.become_source(manifests, verified=True)
-                return
+        try:
+            for cand in candidates[: self.cfg.max_source_attempts]:
+                received = await self.receiver.receive_from(cand, ranks)  # returns only with no READ in flight
+                self.receiver.release_peers()
+                if received:
+                    t1 = time.monotonic()
+                    await self.engine.all("weights_ready", self.cfg.load_timeout)
+                    self.log.info("phase=release %.2fs: engine continues on verified weights", time.monotonic() - t1)
+                    self._release_noted()
+                    await self.publisher.become_source(manifests, verified=True)
+                    return
+        finally:
+            self.receiver.release_peers()
         self.log.warning("no source delivered; falling back to storage")
         self.metrics.transfers.labels(self.engine.model, "target", "fell_back_to_storage").inc()
         t1 = time.monotonic()
@@ -176,6 +191,13 @@ class Daemon:
         self.log.info("phase=load_from_storage %.2fs (fallback)", time.monotonic() - t1)
         self._release_noted()
         await self.publisher.become_source(manifests, verified=False)
+
+    async def _set_up_ahead(self, first: Candidate) -> None:
+        """While the engine prepares: load the first source's agents and connect to them."""
+        await self.agents.ready()
+        transports = {m.tp_rank: tr for m in self.engine.latest_manifests()
+                      if (tr := self.agents.transport_for(m)) is not None}
+        await self.receiver.preconnect(first, transports)
 
     async def _take_over_orphans(self, replies: list[Reply]) -> None:
         """Ranks prepared by a sidecar that died: wait until the hook agrees it is gone, then void its bytes."""
@@ -220,6 +242,14 @@ class Daemon:
         self.log.info("phase=connect: %d ranks, fingerprint %s, session %s", len(self.engine.links), self.engine.fp,
                       self.engine.session[:8])
 
+    def _prefetch_handles(self) -> None:
+        """Map the handles the engine offers before it is ready, off the critical path (sidecar.prefetch)."""
+        pf = self.agents.prefetch = HandlePrefetch(len(self.engine.links), self.log)
+        self.engine.observers.append(pf.offer)
+        for link in self.engine.links:
+            if link.last_reply is not None:
+                pf.offer(link.rank, link.last_reply)
+
     def _set_role(self, role: str) -> None:
         self.log.set(role=role)
         self.metrics.set_role(self.engine.model, role)
@@ -248,6 +278,8 @@ class Daemon:
             await self.engine.try_all("abort", 2.0)
         await self.server.close()
         await self.publisher.close()
+        if self.agents.prefetch is not None:
+            await self.agents.prefetch.aclose()
         self.agents.close()
         await self.engine.aclose()
         with contextlib.suppress(Exception):

@@ -76,6 +76,11 @@ class EngineRanks:
         return EngineLink(ctx, self.cfg.rank_address(rank), rank, self.cfg.max_message_bytes, self.session,
                           self._keys)
 
+    def latest_manifests(self) -> list[Manifest]:
+        """Each rank's manifest as its newest reply gave it."""
+        return [lk.last_reply.manifest for lk in self.links if lk.last_reply is not None
+                and lk.last_reply.manifest is not None]
+
     # -------------------------------------------------------------- commands
     async def all(self, op: str, timeout: float, ranks: list[int] | None = None) -> list[Manifest]:
         """`op` on every rank (or those listed) under our session; a refusal or an engine failure is fatal."""

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from sidecar.memory import MemoryOps, Region, import_handle, ops_for
 from sidecar.planner import target_addresses
-from sidecar.protocol import Manifest
+from sidecar.protocol import Handle, Manifest
 from sidecar.staging import StagingRing
 from sidecar.transport import Registration, Transport
 
@@ -68,12 +68,14 @@ class RankMemory:
         return self.ops.device_id
 
     @classmethod
-    def import_manifest(cls, manifest: Manifest) -> RankMemory:
+    def import_manifest(cls, manifest: Manifest, mapped: dict[Handle, Region] | None = None) -> RankMemory:
+        """Map every handle of `manifest`, taking (and removing) from `mapped` those mapped ahead (prefetch)."""
         t0 = time.monotonic()
         regions: list[Region] = []
         try:
             for h in manifest.handles:
-                regions.append(import_handle(h))
+                ahead = mapped.pop(h, None) if mapped is not None else None
+                regions.append(ahead if ahead is not None else import_handle(h))
         except BaseException:
             for r in regions:
                 r.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from sidecar.auth import AuthError, Keyring
@@ -21,6 +21,7 @@ from sidecar.planner import PlanError
 from sidecar.protocol import ProtocolError
 from sidecar.pulling import FenceError, SourceFailed, Superseded, VerifyError, pull_rank, verify_rank
 from sidecar.rank_memory import RankMemory
+from sidecar.transport import TransferError, Transport
 
 Result = Literal["ok", "verify_failed", "refused_layout", "refused_auth", "source_failed", "redis_down", "error"]
 
@@ -35,6 +36,39 @@ class Receiver:
     log: Ctx
     keys: Keyring
     failpoints: Failpoints
+    _metas: dict[str, bytes] = field(default_factory=dict)  # source agent -> its metadata, fetched ahead
+    _held: list[tuple[Transport, str]] = field(default_factory=list)  # peers loaded ahead, until release_peers
+
+    async def preconnect(self, cand: Candidate, transports: dict[int, Transport]) -> None:
+        """Session setup while the engine prepares: fetch the source's agent metadata, load it into the agent each
+        rank will use and open the UCX connection, so the first Hello and READ find a connected peer.
+
+        Only the source's side is touched: nothing of ours is registered yet, and nothing may be READ before the
+        engine's final manifest is imported and checked against the source's entries (pull_rank)."""
+        t0 = time.monotonic()
+        try:
+            for r in cand.record.ranks:
+                tr = transports.get(r.rank)
+                if tr is None:
+                    continue
+                if r.agent not in self._metas:
+                    self._metas[r.agent] = await self.coord.get_agent(r.agent)
+                self._held.append((tr, tr.add_peer(self._metas[r.agent], r.agent)))
+                tr.connect(r.agent)
+        except (CoordinatorUnavailable, AuthError, TransferError, ValueError) as e:
+            # The receive repeats each step and reports its failure with a cause; here it only costs the overlap.
+            self.log.warning("session setup ahead of the engine failed (%s); it runs again at receive", e,
+                             peer=cand.record.replica)
+            return
+        self.log.info("phase=preconnect %.3fs: %d peers loaded and connected while the engine prepares",
+                      time.monotonic() - t0, len(self._held), peer=cand.record.replica)
+
+    def release_peers(self) -> None:
+        """Drop the peers loaded ahead (a dead source must not stay loaded: it wedged later sessions)."""
+        held, self._held = self._held, []
+        for tr, name in held:
+            tr.remove_peer(name)
+        self._metas.clear()
 
     async def receive_from(self, cand: Candidate, ranks: dict[int, RankMemory]) -> bool:
         """True: every rank holds the source's bytes, verified. False: this source failed; nothing is in flight.
@@ -51,7 +85,7 @@ class Receiver:
         try:
             if sorted(by_rank) != sorted(ranks) or len(by_rank) != len(rec.ranks):
                 raise PlanError(f"source serves ranks {sorted(by_rank)}, we need {sorted(ranks)}")
-            metas = {a: await self.coord.get_agent(a) for a in {r.agent for r in rec.ranks}}
+            metas = {a: self._metas.get(a) or await self.coord.get_agent(a) for a in {r.agent for r in rec.ranks}}
             await self.coord.reader_delta(self.engine.fp, peer, +1)
             counted = True
             total = sum(rm.manifest.total_bytes for rm in ranks.values())

@@ -28,7 +28,9 @@ log = logging.getLogger("mx.transport")
 # H100, five orderings, twice). Without the cache the order does not matter. An operator's value wins.
 os.environ.setdefault("UCX_MEMTYPE_CACHE", "n")
 
-IDLE_POLL_S = 0.02
+# An idle source notices a reader's Hello after IDLE_POLL_S/2 on average: it was 20 ms, a third of the 75 ms of
+# session setup measured on the H200. One poll costs 0.7 us in NIXL (plus the loop's wake-up): 5 ms is noise.
+IDLE_POLL_S = 0.005
 BUSY_POLL_S = 0.0002
 
 
@@ -112,6 +114,14 @@ class Transport:
             raise ValueError(f"metadata names agent {name!r}, expected {expected_name!r}")
         self._peers[name] = 1
         return name
+
+    def connect(self, name: str) -> None:
+        """Establish the UCX connection to a loaded peer now, not on the first notification or READ (measured on
+        the H200: the first notification to a new peer took 11 ms, the next 0.02 ms)."""
+        try:
+            self.agent.make_connection(name)
+        except Exception as e:
+            raise TransferError(f"cannot connect to {name}: {e}") from e
 
     def remove_peer(self, name: str) -> None:
         # A reader drops its remote agents as soon as a load ends, or a wedged source stays wedged for others.

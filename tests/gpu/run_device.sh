@@ -5,6 +5,7 @@
 #   ipc_nixl.json  the IPC + staging + NIXL check (numbers, mismatches, regprobe matrix)
 #   bench.md/.json the benchmark (bench modes)
 #   levers.json    CUDA IPC import and device checksum costs, before/after (levers mode)
+#   ttr.json       time to ready: handles mapped ahead, session set up ahead, before/after (ttr modes)
 #   vllm_gpu.json  vLLM with --load-format mx: plain, source and target replicas on one GPU (vllm mode)
 #   logs.tgz       everything else (full stderr with UCX_PROTO_INFO tables, sidecar and engine logs)
 #
@@ -14,6 +15,9 @@
 #   bash tests/gpu/run_device.sh smoke       # check + a small benchmark (one GPU is enough)
 #   bash tests/gpu/run_device.sh levers      # CUDA IPC import + device checksum levers (before/after)
 #   bash tests/gpu/run_device.sh vllm        # GPU tests + the vLLM check (needs every carried part)
+#   bash tests/gpu/run_device.sh ttr         # time-to-ready levers before/after (carry .gpu-carry/before: a
+#                                            #   `git archive <commit> sidecar runtime_hooks` of the "before")
+#   bash tests/gpu/run_device.sh ttr-check   # ttr + the GPU tests
 #   bash tests/gpu/run_device.sh take        # only move the carried part(s) aside (a call that carries one part)
 #
 # What the machine lacks comes as .whl/*.whl (tests/gpu/fetch_wheels.sh) or, with vLLM, as parts of one tar.xz
@@ -88,12 +92,17 @@ if [ "$MODE" = levers ]; then
   timeout 400 python3 tests/gpu/levers_bench.py > "$RAW/levers.txt" 2>&1 || rc=1
   tail -60 "$RAW/levers.txt" | tee -a "$SUMMARY"
 fi
+if [ "$MODE" = ttr ] || [ "$MODE" = ttr-check ]; then
+  echo "== time to ready: handles mapped ahead + session set up ahead, before/after (MX_BEFORE_TREE)" | tee -a "$SUMMARY"
+  MX_BEFORE_TREE=${MX_BEFORE_TREE:-$CARRY/before} timeout 420 python3 tests/gpu/ttr_bench.py > "$RAW/ttr.txt" 2>&1 || rc=1
+  tail -45 "$RAW/ttr.txt" | tee -a "$SUMMARY"
+fi
 if [ "$MODE" = vllm ]; then
   echo "== vLLM with --load-format mx on the GPU" | tee -a "$SUMMARY"
   timeout 480 python3 tests/gpu/vllm_gpu_check.py > "$RAW/vllm.txt" 2>&1 || rc=1
   tail -40 "$RAW/vllm.txt" | tee -a "$SUMMARY"
 fi
-if [ "$MODE" = check ] || [ "$MODE" = bench ] || [ "$MODE" = smoke ] || [ "$MODE" = vllm ]; then
+if [ "$MODE" = check ] || [ "$MODE" = bench ] || [ "$MODE" = smoke ] || [ "$MODE" = vllm ] || [ "$MODE" = ttr-check ]; then
   echo "== GPU tests" | tee -a "$SUMMARY"
   timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu 2>&1 | tail -40 | tee -a "$SUMMARY"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1

@@ -248,3 +248,22 @@ def test_build_manifest_uses_one_handle_per_segment() -> None:
     assert m.memory_kind == "cuda_ipc"
     assert all(isinstance(h, CudaIpcHandle) and len(h.handle) == 64 for h in m.handles)
     assert len(m.handles) < len(m.tensors) - 1
+
+
+def test_new_memory_at_a_freed_address_gets_a_new_ipc_handle() -> None:
+    """What makes handles mapped ahead (sidecar.prefetch) safe: an equal handle names the same allocation."""
+    from sidecar.cuda_memory import driver
+
+    d = driver()
+    with d.on(0):
+        first = d.mem_alloc(2 << 20)
+        handle = d.ipc_get(first)
+        d.mem_free(first)
+        for _ in range(8):  # the driver hands the freed range out again; try a few times to land on it
+            again = d.mem_alloc(2 << 20)
+            new_handle = d.ipc_get(again)
+            d.mem_free(again)
+            if again == first:
+                break
+    assert again == first, "the driver did not reuse the freed address; nothing to compare"
+    assert new_handle != handle

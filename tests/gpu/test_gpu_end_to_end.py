@@ -52,3 +52,28 @@ def test_tp2_gpu_target_receives_identical_bytes_through_the_daemon(env, mode: s
             tgt.stop()
     finally:
         src.stop()
+
+
+def test_gpu_target_maps_handles_ahead_and_writes_only_the_final_tensors(env) -> None:
+    """The engine moves tensors to new memory while it prepares: the handles mapped ahead for them are not used."""
+    url, ckpt, work = env
+    src_dev, tgt_dev = _devices()
+    extra = {"MX_SOURCE_MODE": "staged", "MX_STAGING_SLOT_BYTES": "256KiB", "MX_STALL_TIMEOUT": "60"}
+    src = Replica("src", ckpt, url, work, tp=1, extra_env=extra, devices=src_dev.split(",")[0])
+    try:
+        res_src = src.engine_results(timeout=120)
+        src.wait_serving(timeout=120)
+        tgt = Replica("tgt", ckpt, url, work, tp=1, extra_env=extra, devices=tgt_dev.split(",")[0],
+                      engine_args=["--prepare-delay", "1", "--prepare-realloc", "6"])
+        try:
+            res_tgt = tgt.engine_results(timeout=180)
+            assert res_tgt[0]["outcome"] == "received"
+            assert res_tgt[0]["digests"] == res_src[0]["digests"]
+            assert tgt.sidecar is not None
+            m = tgt.sidecar.wait_for(r"import \S+ of (\d+) handles, (\d+) mapped ahead", 10)
+            assert 0 < int(m.group(2)) <= int(m.group(1))
+            tgt.sidecar.wait_for(r"phase=preconnect", 1)
+        finally:
+            tgt.stop()
+    finally:
+        src.stop()
