@@ -100,10 +100,11 @@ class ToyAdapter(TorchModuleAdapter):
 
     def prepare_target(self) -> None:
         time.sleep(self.prepare_delay)
-        tensors = self.discover_tensors()
-        for name in sorted(tensors)[: self.prepare_realloc]:
-            old = tensors[name]
-            self._source[name] = torch.full_like(old, 7) if old.is_floating_point() else torch.zeros_like(old)  # type: ignore[index]
+        source = self._source
+        assert isinstance(source, dict)  # the toy engine's tensors are a dict; new tensors replace entries
+        for name in sorted(source)[: self.prepare_realloc]:
+            old = source[name]
+            source[name] = torch.full_like(old, 7) if old.is_floating_point() else torch.zeros_like(old)
         self.prepared += 1
 
     load_delay = 0.0  # seconds a storage load takes on top of the read (a slow bucket, for tests)
