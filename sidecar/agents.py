@@ -72,10 +72,10 @@ class Agents:
     async def import_ranks(self, manifests: list[Manifest], old: dict[int, RankMemory], model: str,
                            metrics: Metrics, log: Ctx) -> dict[int, RankMemory]:
         """Map every rank's handles and register them (per allocation segment). Old ranks are deregistered first."""
+        t0 = time.monotonic()  # the import's cost on the critical path includes waiting for a mapping in progress
         prefetch, self.prefetch = self.prefetch, None
         mapped = await prefetch.take() if prefetch is not None else {}
-        ahead = len(mapped)
-        t0 = time.monotonic()
+        ahead, t_wait = len(mapped), time.monotonic() - t0
         for rm in old.values():
             rm.close()
         try:
@@ -98,9 +98,9 @@ class Agents:
         for phase, v in (("import", t_import), ("register", t_reg), ("agents", self.create_s),
                          ("prefetch", prefetch.seconds if prefetch is not None else 0.0)):
             metrics.startup_seconds.labels(model, phase).set(v)
-        log.info("phase=import_register %.2fs (import %.3fs of %d handles, %d mapped ahead, agents wait %.2fs, "
-                 "register %.3fs, %.2f GB)", time.monotonic() - t0, t_import, sum(len(m.handles) for m in manifests),
-                 ahead, t_agents, t_reg, engine_bytes / 1e9)
+        log.info("phase=import_register %.2fs (import %.3fs of %d handles, %d mapped ahead (%.3fs waiting for them), "
+                 "agents wait %.2fs, register %.3fs, %.2f GB)", time.monotonic() - t0, t_import,
+                 sum(len(m.handles) for m in manifests), ahead, t_wait, t_agents, t_reg, engine_bytes / 1e9)
         return ranks
 
     async def put_all(self, coord: Coordinator) -> None:
