@@ -8,7 +8,7 @@ import pytest
 import torch
 import zmq
 
-from runtime_hooks.base import RankHook
+from runtime_hooks.base import HookError, RankHook
 from runtime_hooks.exposure import ModelIdentity
 from runtime_hooks.torch_module import TorchModuleAdapter
 from sidecar.config import Config
@@ -57,10 +57,37 @@ def test_malformed_oversized_and_wrong_version_messages_get_an_error_and_the_hoo
     assert r.ok and r.id == 5 and r.state == "waiting"
 
 
-def test_describe_before_the_verdict_gives_the_fingerprint_but_no_memory(hook):
+def test_describe_before_the_engine_waits_gives_the_fingerprint_but_no_memory(hook):
     h, _, addr = hook
     r = _ask(_client(addr), encode(Request(PROTOCOL_VERSION, 1, "describe")))
     assert r.manifest.fingerprint == h.fingerprint and not r.manifest.exposed and r.manifest.handles == []
+
+
+def test_a_waiting_engine_offers_its_handles_but_no_layout_and_prepare_exposes_the_same_memory(hook):
+    """The handles a sidecar maps ahead (sidecar.prefetch) are those the final manifest lists when nothing moved."""
+    h, _, addr = hook
+    s = _client(addr)
+    ended = []
+
+    def engine() -> None:
+        with pytest.raises(HookError, match="hook closed"):  # closed below while it waits for a verdict
+            h.run_until_ready(30)
+        ended.append(True)
+
+    t = threading.Thread(target=engine)
+    t.start()
+    deadline = time.monotonic() + 10
+    r = _ask(s, encode(Request(PROTOCOL_VERSION, 1, "ping")))
+    while not r.manifest.handles and time.monotonic() < deadline:  # offered once storages are in shared memory
+        time.sleep(0.05)
+        r = _ask(s, encode(Request(PROTOCOL_VERSION, 1, "ping")))
+    assert r.state == "waiting" and not r.manifest.exposed and r.manifest.tensors == [] and r.manifest.handles
+    final = _ask(s, encode(Request(PROTOCOL_VERSION, 2, "prepare_target", "s1")))
+    assert final.ok and final.manifest.exposed and set(final.manifest.handles) == set(r.manifest.handles)
+    _ask(s, encode(Request(PROTOCOL_VERSION, 3, "abort", "s1")))
+    h.close()
+    t.join(10)
+    assert ended
 
 
 def test_load_from_storage_exposes_shared_memory_holding_the_engines_bytes(hook):
