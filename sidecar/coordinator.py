@@ -9,7 +9,7 @@ Keys (P = MX_REDIS_PREFIX, F = replica fingerprint, R = replica id = host-pid-ra
   P:agent:NAME      NIXL agent metadata of every agent (targets too: sources send them notifications)
 Heartbeats never rewrite the large record (a field report had that fill a Redis disk).
 
-Records and agent metadata are Sealed values (sidecar.auth): an HMAC with the deployment key over the
+Records and agent metadata are Sealed values (sidecar.contract.auth): an HMAC with the deployment key over the
 kind, the key name and the body, checked before anything in them is used. Heartbeats, leases and reader
 counts are not sealed: forging them can only make a target wait, try a dead source or pick a busier one.
 """
@@ -26,8 +26,8 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from sidecar.auth import AuthError, Keyring
-from sidecar.protocol import ProtocolError, SourceRecord, decode_record, decode_sealed, encode
+from sidecar.contract.auth import AuthError, Keyring
+from sidecar.contract.messages import ProtocolError, SourceRecord, decode_record, decode_sealed, encode
 from sidecar.redis_client import describe_error
 
 log = logging.getLogger("mx.coordinator")
@@ -247,7 +247,7 @@ class Coordinator:
     async def sources_of_model(self, model: str) -> list[Candidate]:
         """Fresh sources of every fingerprint whose record names `model`. Read-only.
 
-        For file-level targets (runtime_hooks/file_publish.py), which learn the fingerprint from the source's
+        For file-level targets (runtime_hooks/files/publish.py), which learn the fingerprint from the source's
         record. A SCAN over `P:*:src:*`: fine for tens of models; a `P:model:M` index would make it O(1).
         """
         out: list[Candidate] = []

@@ -18,23 +18,23 @@ import time
 import zmq.asyncio
 
 from sidecar.agents import Agents
-from sidecar.auth import Keyring
 from sidecar.config import Config
+from sidecar.contract.auth import Keyring
+from sidecar.contract.messages import Reply
 from sidecar.coordinator import Candidate, Coordinator, CoordinatorUnavailable
 from sidecar.engine import EngineGone, EngineRanks, FatalError
 from sidecar.failpoints import Failpoints
 from sidecar.logs import Ctx
+from sidecar.memory.prefetch import HandlePrefetch
 from sidecar.metrics import HttpServer, Metrics
 from sidecar.peers import PeerRouter
-from sidecar.prefetch import HandlePrefetch
-from sidecar.protocol import Reply
-from sidecar.publishing import Publisher
-from sidecar.pulling import FenceError, Superseded
-from sidecar.receiving import Receiver
 from sidecar.redis_client import connect as connect_redis
 from sidecar.roles import decide, renew_lease
-from sidecar.serving import SourceServer
+from sidecar.source.publisher import Publisher
+from sidecar.source.server import SourceServer
 from sidecar.supervisor import Supervisor
+from sidecar.target.pull import FenceError, Superseded
+from sidecar.target.receiver import Receiver
 
 ENGINE_GONE_EXIT = 3
 FENCE_EXIT = 4  # READs could not be confirmed finished: exit without a verdict, the engine stays blocked
@@ -243,7 +243,7 @@ class Daemon:
                       self.engine.session[:8])
 
     def _prefetch_handles(self) -> None:
-        """Map the handles the engine offers before it is ready, off the critical path (sidecar.prefetch)."""
+        """Map the handles the engine offers before it is ready, off the critical path (sidecar.memory.prefetch)."""
         pf = self.agents.prefetch = HandlePrefetch(len(self.engine.links), self.log)
         self.engine.observers.append(pf.offer)
         for link in self.engine.links:

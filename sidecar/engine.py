@@ -15,14 +15,14 @@ from collections.abc import Callable
 
 import zmq.asyncio
 
-from sidecar.auth import Keyring
 from sidecar.config import Config
+from sidecar.contract.auth import Keyring
+from sidecar.contract.messages import Manifest, Reply, replica_fingerprint
+from sidecar.contract.session import new_session_id
 from sidecar.failpoints import Failpoints
 from sidecar.link import EngineError, EngineLink
 from sidecar.logs import Ctx
 from sidecar.metrics import Metrics
-from sidecar.protocol import Manifest, Reply, replica_fingerprint
-from sidecar.session import new_session_id
 
 ENGINE_PING_FAILURES = 3
 

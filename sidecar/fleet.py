@@ -12,10 +12,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sidecar.auth import AuthError, Keyring
 from sidecar.config import Config
+from sidecar.contract.auth import AuthError, Keyring
+from sidecar.contract.messages import ProtocolError, SourceRecord, decode_record, decode_sealed
 from sidecar.coordinator import open_record
-from sidecar.protocol import ProtocolError, SourceRecord, decode_record, decode_sealed
 
 
 def _open(keys: Keyring, key: str, blob: bytes, max_bytes: int) -> tuple[SourceRecord, str]:

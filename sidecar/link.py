@@ -16,8 +16,8 @@ import time
 import zmq
 import zmq.asyncio
 
-from sidecar.auth import Keyring
-from sidecar.protocol import PROTOCOL_VERSION, Op, ProtocolError, Reply, Request, decode_reply, encode
+from sidecar.contract.auth import Keyring
+from sidecar.contract.messages import PROTOCOL_VERSION, Op, ProtocolError, Reply, Request, decode_reply, encode
 
 log = logging.getLogger("mx.link")
 

@@ -6,8 +6,8 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from sidecar.auth import AuthError, Keyring
-from sidecar.protocol import Bye, Done, Hello, PeerMsg, ProtocolError, Ready, Welcome, decode_peer
+from sidecar.contract.auth import AuthError, Keyring
+from sidecar.contract.messages import Bye, Done, Hello, PeerMsg, ProtocolError, Ready, Welcome, decode_peer
 
 log = logging.getLogger("mx.peers")
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sidecar.protocol import (
+from sidecar.contract.messages import (
     MAX_CHUNKS_PER_RANK,
     Manifest,
     ProtocolError,

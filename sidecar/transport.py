@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from sidecar.failpoints import Failpoints
-from sidecar.memory import Region
+from sidecar.memory.regions import Region
 
 log = logging.getLogger("mx.transport")
 

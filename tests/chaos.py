@@ -11,8 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from runtime_hooks.toy_engine import SMALL, make_checkpoint
-from sidecar.embedded_redis import EmbeddedRedis
+from sidecar.lab.embedded_redis import EmbeddedRedis
+from sidecar.lab.toy_engine import SMALL, make_checkpoint
 from tests.faults import SCENARIOS, Lab, Outcome, dump, stampede, summarize, table
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from runtime_hooks.toy_engine import SMALL, make_checkpoint
-from sidecar.embedded_redis import EmbeddedRedis
-from sidecar.replica_procs import Replica
+from sidecar.lab.embedded_redis import EmbeddedRedis
+from sidecar.lab.replica_procs import Replica
+from sidecar.lab.toy_engine import SMALL, make_checkpoint
 from tests.faults import FAST_ENV
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import redis
 
-from sidecar.embedded_redis import EmbeddedRedis
-from sidecar.replica_procs import Replica
+from sidecar.lab.embedded_redis import EmbeddedRedis
+from sidecar.lab.replica_procs import Replica
 
 # Fast failure detection for tests; still well above what a loaded 2-core CI box needs per step.
 FAST_ENV = {
@@ -76,7 +76,7 @@ class Lab:
             self.stop(r)
 
     def sources(self) -> list[str]:
-        from sidecar.protocol import decode_record, decode_sealed
+        from sidecar.contract.messages import decode_record, decode_sealed
 
         r = redis.Redis.from_url(self.redis.url)
         out = []

@@ -1,7 +1,7 @@
 """A small fleet of real replicas, scraped by a real Prometheus, in which every alert has a reason to fire.
 
 Shared by tests/test_monitoring.py and tests/dashboard_png.py. Each replica is a toy engine process plus a
-`python -m sidecar run` process (sidecar/replica_procs.py), all on one real Redis (valkey):
+`python -m sidecar run` process (sidecar/lab/replica_procs.py), all on one real Redis (valkey):
 
   toy-a  a: loads from storage and serves;  b: receives from a over NIXL          (transfers, throughput)
   toy-b  d: serves, then its sidecar is SIGKILLed;  e: tries d, falls back to storage   (MxFellBackToStorage)
@@ -22,9 +22,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime_hooks.toy_engine import SMALL, make_checkpoint
-from sidecar.embedded_redis import EmbeddedRedis
-from sidecar.replica_procs import Replica
+from sidecar.lab.embedded_redis import EmbeddedRedis
+from sidecar.lab.replica_procs import Replica
+from sidecar.lab.toy_engine import SMALL, make_checkpoint
 from tests.prom import Prometheus, rule_groups
 from tests.tooling import tool
 

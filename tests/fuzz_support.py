@@ -12,7 +12,7 @@ import msgpack
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from sidecar.protocol import OPS
+from sidecar.contract.messages import OPS
 
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "quick")
 SCALE = {"quick": 1, "fuzz": 20}[PROFILE]

@@ -1,7 +1,7 @@
 """A real Prometheus server on loopback for the tests: file-based service discovery, our alert rules, HTTP API.
 
 The binary comes from `make tools` (Debian's prometheus package, unpacked). The server keeps its TSDB in a
-private directory and dies with its parent (PR_SET_PDEATHSIG), like sidecar/embedded_redis.py's Redis.
+private directory and dies with its parent (PR_SET_PDEATHSIG), like sidecar/lab/embedded_redis.py's Redis.
 """
 
 from __future__ import annotations

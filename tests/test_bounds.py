@@ -9,11 +9,9 @@ import tracemalloc
 import msgspec
 import pytest
 
-from sidecar.auth import Keyring
 from sidecar.config import Config, ConfigError
-from sidecar.coordinator import MAX_SOURCE_MEMBERS, Coordinator
-from sidecar.planner import PlanError, chunk_plan
-from sidecar.protocol import (
+from sidecar.contract.auth import Keyring
+from sidecar.contract.messages import (
     MAX_CHUNKS_PER_RANK,
     MAX_SLOTS,
     MAX_TENSORS,
@@ -26,6 +24,8 @@ from sidecar.protocol import (
     decode_record,
     encode,
 )
+from sidecar.coordinator import MAX_SOURCE_MEMBERS, Coordinator
+from sidecar.planner import PlanError, chunk_plan
 from sidecar.redis_client import connect
 
 

@@ -24,12 +24,12 @@ import pytest
 import redis
 import yaml
 
-from sidecar.auth import Keyring
 from sidecar.config import SETTINGS, Config
+from sidecar.contract.auth import Keyring
+from sidecar.contract.messages import PROTOCOL_VERSION, SourceRecord
 from sidecar.coordinator import Coordinator
-from sidecar.embedded_redis import server_binary
 from sidecar.fleet import read_fleet
-from sidecar.protocol import PROTOCOL_VERSION, SourceRecord
+from sidecar.lab.embedded_redis import server_binary
 from sidecar.redis_client import connect
 from tests.tooling import (
     COMPONENTS,

@@ -8,7 +8,7 @@ import time
 
 import redis
 
-from sidecar.protocol import decode_record, decode_sealed
+from sidecar.contract.messages import decode_record, decode_sealed
 
 
 def _record(blob: bytes):  # type: ignore[no-untyped-def]
@@ -194,7 +194,7 @@ def test_garbage_on_the_engine_socket_and_nixl_channel_is_rejected_and_the_sourc
     import msgpack
     import zmq
 
-    from sidecar.protocol import decode_reply
+    from sidecar.contract.messages import decode_reply
     from sidecar.transport import Transport
 
     a = replicas("a")
@@ -271,7 +271,7 @@ def _tamper_record(url: str, edit) -> None:  # type: ignore[no-untyped-def]
     """Rewrite the one source record in Redis (as a compromised or buggy writer could), keeping its TTL."""
     import msgspec
 
-    from sidecar.protocol import encode
+    from sidecar.contract.messages import encode
 
     r = redis.Redis.from_url(url)
     key = next(iter(r.scan_iter("mx:*:src:*")))
@@ -324,7 +324,7 @@ def test_a_checksum_mismatch_keeps_the_engine_blocked_and_falls_back_to_storage(
 def test_a_target_sidecar_stopped_mid_receive_voids_the_bytes_and_the_engine_waits_again(replicas):
     import zmq
 
-    from sidecar.protocol import PROTOCOL_VERSION, Request, decode_reply, encode
+    from sidecar.contract.messages import PROTOCOL_VERSION, Request, decode_reply, encode
 
     a = replicas("a", extra_env={"MX_HEARTBEAT_INTERVAL": "5", "MX_SOURCE_TTL": "30"})
     a.engine_results()

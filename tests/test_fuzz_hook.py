@@ -21,7 +21,15 @@ from hypothesis import strategies as st
 from runtime_hooks.base import HookError, RankHook
 from runtime_hooks.exposure import ModelIdentity
 from sidecar.config import Config
-from sidecar.protocol import OPS, PROTOCOL_VERSION, ProtocolError, Request, decode_reply, decode_request, encode
+from sidecar.contract.messages import (
+    OPS,
+    PROTOCOL_VERSION,
+    ProtocolError,
+    Request,
+    decode_reply,
+    decode_request,
+    encode,
+)
 from tests.fuzz_support import MAX_FRAME, budget, deep, huge_lengths, values
 
 ENGINE_OPS = ("prepare_target", "load_from_storage", "weights_ready", "abort")

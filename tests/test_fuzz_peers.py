@@ -19,11 +19,9 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from sidecar.auth import Keyring
 from sidecar.config import Config
-from sidecar.metrics import Metrics
-from sidecar.peers import PeerRouter
-from sidecar.protocol import (
+from sidecar.contract.auth import Keyring
+from sidecar.contract.messages import (
     MAX_PEER_MESSAGE_BYTES,
     PROTOCOL_VERSION,
     Bye,
@@ -36,7 +34,9 @@ from sidecar.protocol import (
     decode_peer,
     encode,
 )
-from sidecar.serving import SourceServer
+from sidecar.metrics import Metrics
+from sidecar.peers import PeerRouter
+from sidecar.source.server import SourceServer
 from tests.fuzz_support import budget, deep, huge_lengths, values
 
 SESSIONS = ["s-1", "s-2", ""]

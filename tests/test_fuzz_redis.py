@@ -19,9 +19,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from sidecar.coordinator import MAX_SOURCE_MEMBERS, Coordinator, CoordinatorUnavailable
-from sidecar.embedded_redis import EmbeddedRedis
-from sidecar.protocol import (
+from sidecar.contract.messages import (
     PROTOCOL_VERSION,
     ProtocolError,
     RankSource,
@@ -30,6 +28,8 @@ from sidecar.protocol import (
     decode_record,
     encode,
 )
+from sidecar.coordinator import MAX_SOURCE_MEMBERS, Coordinator, CoordinatorUnavailable
+from sidecar.lab.embedded_redis import EmbeddedRedis
 from sidecar.redis_client import connect
 from tests.fuzz_support import budget, deep, huge_lengths, values
 
@@ -116,8 +116,8 @@ def redis_states(draw: st.DrawFn) -> dict[str, tuple[str, bytes | None]]:
 
 class Rig:
     def __init__(self, server: EmbeddedRedis) -> None:
-        from sidecar.auth import Keyring
         from sidecar.config import Config
+        from sidecar.contract.auth import Keyring
 
         self.server = server
         self.admin = server.admin()

@@ -9,16 +9,16 @@ import torch
 import zmq
 
 from runtime_hooks.base import HookError, RankHook
+from runtime_hooks.engines.torch_module import TorchModuleAdapter
 from runtime_hooks.exposure import ModelIdentity
-from runtime_hooks.torch_module import TorchModuleAdapter
 from sidecar.config import Config
-from sidecar.memory import ShmRegion
-from sidecar.protocol import PROTOCOL_VERSION, Request, decode_reply, encode
+from sidecar.contract.messages import PROTOCOL_VERSION, Request, decode_reply, encode
+from sidecar.memory.regions import ShmRegion
 
 
 @pytest.fixture
 def hook(tmp_path, checkpoint):
-    from runtime_hooks.toy_engine import SMALL, ToyAdapter, rank_tensors
+    from sidecar.lab.toy_engine import SMALL, ToyAdapter, rank_tensors
 
     tensors = rank_tensors(SMALL, 1, 0, torch.bfloat16)
     ident = ModelIdentity("toy", "r1", "bfloat16", 0, 1)
@@ -64,7 +64,7 @@ def test_describe_before_the_engine_waits_gives_the_fingerprint_but_no_memory(ho
 
 
 def test_a_waiting_engine_offers_its_handles_but_no_layout_and_prepare_exposes_the_same_memory(hook):
-    """The handles a sidecar maps ahead (sidecar.prefetch) are those the final manifest lists when nothing moved."""
+    """The handles a sidecar maps ahead (memory.prefetch) are those the final manifest lists when nothing moved."""
     h, _, addr = hook
     s = _client(addr)
     ended = []

@@ -13,10 +13,10 @@ import torch
 import zmq
 
 from runtime_hooks.base import HookError, RankHook
+from runtime_hooks.engines.torch_module import TorchModuleAdapter
 from runtime_hooks.exposure import ModelIdentity
-from runtime_hooks.torch_module import TorchModuleAdapter
 from sidecar.config import Config, ConfigError
-from sidecar.protocol import PROTOCOL_VERSION, Request, decode_reply, encode
+from sidecar.contract.messages import PROTOCOL_VERSION, Request, decode_reply, encode
 
 NOBODY = 65534
 

@@ -84,7 +84,7 @@ def test_a_metadata_holder_overwrites_a_direct_sources_engine_memory_but_a_stage
     import numpy as np
     import redis
 
-    from sidecar.protocol import decode_record, decode_sealed
+    from sidecar.contract.messages import decode_record, decode_sealed
     from sidecar.transport import Transport
     from tests.test_end_to_end import _assert_fell_back_to_storage
 

@@ -63,8 +63,9 @@ def test_the_engine_side_install_needs_only_the_hooks_dependencies():
 
 def test_the_hook_imports_without_the_sidecars_packages_and_the_daemon_says_what_to_install():
     code = BLOCKER + (
-        "import runtime_hooks.base, runtime_hooks.torch_module, runtime_hooks.exposure, runtime_hooks.vllm\n"
-        "import sidecar.protocol, sidecar.config\n"
+        "import runtime_hooks.base, runtime_hooks.engines.torch_module, runtime_hooks.exposure\n"
+        "import runtime_hooks.engines.vllm.plugin\n"
+        "import sidecar.contract.messages, sidecar.config\n"
         "try:\n    import redis\nexcept ImportError:\n    print('blocked ok')\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)

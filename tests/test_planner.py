@@ -4,8 +4,8 @@ import msgspec
 import numpy as np
 import pytest
 
+from sidecar.contract.messages import Manifest, ShmHandle, TensorEntry, layout_digest
 from sidecar.planner import PlanError, check_compatible, chunk_plan, descriptors, target_addresses
-from sidecar.protocol import Manifest, ShmHandle, TensorEntry, layout_digest
 
 
 def _entries(sizes):

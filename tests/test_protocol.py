@@ -2,7 +2,7 @@ import msgpack
 import msgspec
 import pytest
 
-from sidecar.protocol import (
+from sidecar.contract.messages import (
     PROTOCOL_VERSION,
     Hello,
     Manifest,
@@ -92,7 +92,7 @@ def test_peer_messages_are_tagged_and_bounded():
 
 
 def test_source_records_with_inconsistent_rank_data_are_rejected():
-    from sidecar.protocol import RankSource
+    from sidecar.contract.messages import RankSource
 
     e = [TensorEntry("a", "float32", [4], 0, 0, 16)]
     rec = SourceRecord(PROTOCOL_VERSION, "r", "n", "m", "fp", [RankSource(0, "ag", "DRAM", 0, "direct", e, [], [], [])])

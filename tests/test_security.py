@@ -15,8 +15,8 @@ import msgspec
 import pytest
 import redis
 
-from sidecar.auth import AuthError, Keyring
-from sidecar.protocol import PROTOCOL_VERSION, Hello, decode_record, decode_sealed, encode
+from sidecar.contract.auth import AuthError, Keyring
+from sidecar.contract.messages import PROTOCOL_VERSION, Hello, decode_record, decode_sealed, encode
 from tests.test_end_to_end import _assert_fell_back_to_storage, _metric
 
 
@@ -144,7 +144,7 @@ def test_a_sealed_value_moved_to_another_key_fails_like_a_forgery():
 def test_a_replayed_or_stale_hello_is_refused_by_the_source():
     from sidecar.config import Config
     from sidecar.metrics import Metrics
-    from sidecar.serving import SourceServer
+    from sidecar.source.server import SourceServer
 
     srv = SourceServer(Config.from_env({}), "m", None, Metrics(), Keyring(None))
     fresh = Hello(PROTOCOL_VERSION, "a" * 32, 0, "r", "d", time.time())

@@ -14,10 +14,10 @@ import zmq
 
 from runtime_hooks.base import RankHook
 from runtime_hooks.exposure import ModelIdentity
-from runtime_hooks.toy_engine import SMALL, ToyAdapter, rank_tensors
-from sidecar.auth import Keyring
 from sidecar.config import Config
-from sidecar.protocol import PROTOCOL_VERSION, Reply, Request, decode_reply, encode
+from sidecar.contract.auth import Keyring
+from sidecar.contract.messages import PROTOCOL_VERSION, Reply, Request, decode_reply, encode
+from sidecar.lab.toy_engine import SMALL, ToyAdapter, rank_tensors
 
 
 class CountingAdapter(ToyAdapter):

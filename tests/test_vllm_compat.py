@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime_hooks import vllm_compat
-from runtime_hooks.vllm_compat import Need
+from runtime_hooks.engines.vllm import compat as vllm_compat
+from runtime_hooks.engines.vllm.compat import Need
 
 PLUGIN = Path(__file__).resolve().parents[1] / "runtime_hooks" / "vllm.py"
 
@@ -56,7 +56,7 @@ def test_without_vllm_register_logs_one_line_with_what_is_missing_and_registers_
         pytest.skip("vLLM is installed here: tests/vllm covers the real registration")
     except ImportError:
         pass
-    from runtime_hooks import vllm as mx_vllm
+    from runtime_hooks.engines.vllm import plugin as mx_vllm
 
     monkeypatch.setattr(mx_vllm, "_registered", False)
     with caplog.at_level(logging.WARNING, logger="mx.vllm"):

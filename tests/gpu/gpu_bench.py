@@ -1,6 +1,6 @@
 """End-to-end GPU benchmark: our pipeline against the baselines of the same machine, in one run.
 
-Engines are separate processes (runtime_hooks.toy_engine --devices): the source on GPU 0, the target on GPU 1
+Engines are separate processes (sidecar.lab.toy_engine --devices): the source on GPU 0, the target on GPU 1
 (GPU 0 for both on a one-GPU machine: a smoke test, not a figure to report). Sidecars are separate
 `python -m sidecar run` daemons, Redis is a local valkey-server. Default model: Llama-shaped, bf16,
 112 layers x 9 tensors + embeddings = 1013 tensors, ~9.7 GiB (MX_BENCH_CFG='{"hidden":..}' to change).
@@ -47,7 +47,7 @@ def log(*a: Any) -> None:
 
 
 def sizes_of(cfg: dict[str, int]) -> list[int]:
-    from runtime_hooks.toy_engine import layout
+    from sidecar.lab.toy_engine import layout
 
     out = []
     for shape in layout(cfg, 1, 0).values():
@@ -67,7 +67,7 @@ def sub_checkpoint(path: str, cfg_json: str) -> dict[str, Any]:
     import torch
     from safetensors.torch import save_file
 
-    from runtime_hooks.toy_engine import layout
+    from sidecar.lab.toy_engine import layout
 
     cfg = json.loads(cfg_json)
     out = Path(path)
@@ -136,7 +136,7 @@ def sub_disk(path: str, dev: int, cold: bool) -> dict[str, Any]:
     import torch
     from safetensors.torch import load_file
 
-    from sidecar.demo import evict_from_page_cache
+    from sidecar.lab.demo import evict_from_page_cache
 
     f = Path(path) / "model.safetensors"
     if cold:
@@ -185,7 +185,7 @@ class Replica:
     """A toy engine on one GPU and its sidecar, as separate processes (like a pod)."""
 
     def __init__(self, name: str, ckpt: Path, redis_url: str, work: Path, device: int, env: dict[str, str]) -> None:
-        from sidecar.replica_procs import Proc
+        from sidecar.lab.replica_procs import Proc
 
         self.address = f"ipc://{work}/{name}.sock"
         e = {**os.environ, "PYTHONUNBUFFERED": "1", "MX_ZMQ_ADDRESS": self.address, "MX_REDIS_URL": redis_url,
@@ -195,7 +195,7 @@ class Replica:
         if os.environ.get("MX_BENCH_DIGESTS", "1") == "0":
             args.append("--no-digests")
         self.t_start = time.monotonic()
-        self.engine = Proc(f"{name}-engine", [sys.executable, "-m", "runtime_hooks.toy_engine", *args], e, work)
+        self.engine = Proc(f"{name}-engine", [sys.executable, "-m", "sidecar.lab.toy_engine", *args], e, work)
         self.sidecar = Proc(f"{name}-sidecar", [sys.executable, "-m", "sidecar", "run"], e, work)
 
     def result(self, timeout: float) -> dict[str, Any]:
@@ -223,7 +223,7 @@ def metric(text: str, name: str, label: str = "") -> float | None:
 
 
 def pipeline(ckpt: Path, src: int, dst: int, work: Path) -> dict[str, Any]:
-    from sidecar.embedded_redis import EmbeddedRedis
+    from sidecar.lab.embedded_redis import EmbeddedRedis
 
     mode = os.environ.get("MX_BENCH_MODE", "auto")
     env = {"MX_SOURCE_MODE": mode, "MX_VERIFY": "checksum", "MX_LOG_LEVEL": "info", "UCX_PROTO_INFO": "y"}
@@ -280,7 +280,7 @@ def pipeline(ckpt: Path, src: int, dst: int, work: Path) -> dict[str, Any]:
 
 
 def main() -> int:
-    from sidecar.cuda_memory import driver
+    from sidecar.memory.cuda import driver
 
     out_dir = Path(os.environ.get("OUT", ".gpu-out"))
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -166,7 +166,7 @@ def digest(t: Any) -> str:
 def digest_raw(addr: int, nbytes: int, dev: int) -> str:
     import xxhash
 
-    from sidecar.cuda_memory import wrap_bytes
+    from sidecar.memory.cuda import wrap_bytes
 
     if nbytes == 0:
         return xxhash.xxh3_64_hexdigest(b"")
@@ -180,7 +180,7 @@ def role_engine(ch: Channel, p: dict[str, Any]) -> None:
     import torch
 
     from runtime_hooks.cuda_ipc import export_cuda_tensors
-    from sidecar.cuda_memory import device_checksum
+    from sidecar.memory.cuda import device_checksum
 
     dev = p["device"]
     torch.cuda.set_device(dev)
@@ -239,8 +239,8 @@ def _agent(name: str) -> Any:
 
 def _import(manifest: dict[str, Any]) -> tuple[list[Any], list[int], list[int], float]:
     """Regions for the engine's handles; per entry: absolute address and device."""
-    from sidecar.cuda_memory import import_cuda_ipc
-    from sidecar.protocol import CudaIpcHandle
+    from sidecar.contract.messages import CudaIpcHandle
+    from sidecar.memory.cuda import import_cuda_ipc
 
     t0 = time.perf_counter()
     regions = [import_cuda_ipc(CudaIpcHandle(u, h, n)) for u, h, n in manifest["handles"]]
@@ -262,7 +262,7 @@ def _import(manifest: dict[str, Any]) -> tuple[list[Any], list[int], list[int], 
 def role_source(ch: Channel, p: dict[str, Any]) -> None:
     import numpy as np
 
-    from sidecar.cuda_memory import CudaOps, device_index_for_uuid
+    from sidecar.memory.cuda import CudaOps, device_index_for_uuid
 
     m = p["manifest"]
     out: dict[str, Any] = {}
@@ -339,7 +339,7 @@ def _read(ag: Any, local: Any, remote: Any, peer: str, limit_s: float) -> tuple[
 def role_target(ch: Channel, p: dict[str, Any]) -> None:
     import numpy as np
 
-    from sidecar.cuda_memory import CudaOps, device_index_for_uuid
+    from sidecar.memory.cuda import CudaOps, device_index_for_uuid
 
     m, src = p["manifest"], p["source"]
     out: dict[str, Any] = {}
@@ -405,7 +405,7 @@ def role_owned(ch: Channel, p: dict[str, Any]) -> None:
     import numpy as np
     import torch
 
-    from sidecar.cuda_memory import CudaOps, wrap_bytes
+    from sidecar.memory.cuda import CudaOps, wrap_bytes
 
     dev = p["device"]
     torch.cuda.set_device(dev)
@@ -464,7 +464,7 @@ def role_regprobe(ch: Channel, p: dict[str, Any]) -> None:
     if p["case"]["set_device"]:
         import torch
 
-        from sidecar.cuda_memory import device_index_for_uuid
+        from sidecar.memory.cuda import device_index_for_uuid
 
         torch.cuda.set_device(device_index_for_uuid(p["manifest"]["handles"][0][0]))
         torch.cuda.synchronize()

@@ -58,7 +58,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=16)
     args = ap.parse_args()
-    from sidecar.cuda_memory import device_uuids, driver
+    from sidecar.memory.cuda import device_uuids, driver
 
     n = driver().device_count()
     src_dev, dst_dev = 0, (1 if n > 1 else 0)

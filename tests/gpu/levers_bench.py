@@ -44,7 +44,7 @@ def best(fn: Any, reps: int = 3) -> tuple[float, Any]:
 
 
 def checksum_methods(items: list[tuple[int, int]], ops: Any) -> dict[str, Any]:
-    from sidecar.cuda_memory import device_checksum
+    from sidecar.memory.cuda import device_checksum
 
     chunks: list[list[tuple[int, int]]] = [[]]
     acc = 0
@@ -72,7 +72,7 @@ def checksum_methods(items: list[tuple[int, int]], ops: Any) -> dict[str, Any]:
 
 
 def import_handles(handles: list[Any], threads: int) -> tuple[float, list[Any]]:
-    from sidecar.cuda_memory import import_cuda_ipc
+    from sidecar.memory.cuda import import_cuda_ipc
 
     t0 = time.perf_counter()
     if threads <= 1:
@@ -87,8 +87,8 @@ def main() -> int:
     import torch
     from test_cuda_ipc import _Engine, _handles
 
-    from runtime_hooks.toy_engine import layout
-    from sidecar.cuda_memory import CudaOps
+    from sidecar.lab.toy_engine import layout
+    from sidecar.memory.cuda import CudaOps
 
     out_dir = Path(os.environ.get("OUT", ".gpu-out"))
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -61,7 +61,7 @@ unpack_parts() {  # all parts present -> /tmp/site (once per warm machine)
   # working tree's, on PYTHONPATH.
   mkdir -p /tmp/site/mx_sidecar-0.0.0.dist-info
   printf 'Metadata-Version: 2.1\nName: mx-sidecar\nVersion: 0.0.0\n' > /tmp/site/mx_sidecar-0.0.0.dist-info/METADATA
-  printf '[vllm.general_plugins]\nmx = runtime_hooks.vllm:register\n' > /tmp/site/mx_sidecar-0.0.0.dist-info/entry_points.txt
+  printf '[vllm.general_plugins]\nmx = runtime_hooks.engines.vllm.plugin:register\n' > /tmp/site/mx_sidecar-0.0.0.dist-info/entry_points.txt
   touch /tmp/site/.mx-unpacked
   echo "unpacked $(du -sh /tmp/site | cut -f1) in $((SECONDS - t0)) s"
 }

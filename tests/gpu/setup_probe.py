@@ -39,12 +39,12 @@ def _wait_notif(agent: Any, want: bytes, sender: Any, timeout: float = 10.0) -> 
 def main() -> int:
     import numpy as np
 
-    from sidecar.memory import CpuOps
+    from sidecar.memory.regions import CpuOps
     from sidecar.transport import Transport
 
     dram = "--dram" in sys.argv
     if not dram:
-        from sidecar.cuda_memory import CudaOps, visible_device_count
+        from sidecar.memory.cuda import CudaOps, visible_device_count
 
         dram = visible_device_count() == 0
     ops: Any = CpuOps() if dram else CudaOps(0, warm=False)

@@ -1,4 +1,4 @@
-"""CUDA IPC export (runtime_hooks.cuda_ipc) and sidecar GPU memory (sidecar.cuda_memory) on a real GPU.
+"""CUDA IPC export (runtime_hooks.cuda_ipc) and sidecar GPU memory (sidecar.memory.cuda) on a real GPU.
 
 Skipped without CUDA. Engines are real child processes (tests/gpu/gpu_procs.py): a process cannot open
 its own IPC handles.
@@ -61,7 +61,7 @@ def engine():  # type: ignore[no-untyped-def]
 
 
 def _handles(reply: dict):  # type: ignore[no-untyped-def,type-arg]
-    from sidecar.protocol import CudaIpcHandle
+    from sidecar.contract.messages import CudaIpcHandle
 
     return [CudaIpcHandle(u, h, n) for u, h, n in reply["handles"]]
 
@@ -69,7 +69,7 @@ def _handles(reply: dict):  # type: ignore[no-untyped-def,type-arg]
 def test_uuid_matches_torch_and_nvidia_smi_form() -> None:
     import torch
 
-    from sidecar.cuda_memory import device_index_for_uuid, device_uuids
+    from sidecar.memory.cuda import device_index_for_uuid, device_uuids
 
     for i, u in enumerate(device_uuids()):
         assert u.startswith("GPU-") and len(u) == 40
@@ -79,8 +79,8 @@ def test_uuid_matches_torch_and_nvidia_smi_form() -> None:
 
 
 def test_unknown_uuid_is_refused() -> None:
-    from sidecar.cuda_memory import device_index_for_uuid, import_cuda_ipc
-    from sidecar.protocol import CudaIpcHandle
+    from sidecar.contract.messages import CudaIpcHandle
+    from sidecar.memory.cuda import device_index_for_uuid, import_cuda_ipc
 
     with pytest.raises(LookupError, match="not visible"):
         device_index_for_uuid("GPU-00000000-0000-0000-0000-000000000000")
@@ -94,7 +94,7 @@ def test_unknown_uuid_is_refused() -> None:
 def test_device_checksum_equals_cpu_reference(offset: int) -> None:
     import torch
 
-    from sidecar.cuda_memory import _CHUNK_WORDS, device_checksum, reference_checksum
+    from sidecar.memory.cuda import _CHUNK_WORDS, device_checksum, reference_checksum
 
     g = torch.Generator(device="cuda:0").manual_seed(offset)
     big = 4 * _CHUNK_WORDS + 13  # crosses the on-device chunk boundary, odd tail
@@ -109,7 +109,7 @@ def test_device_checksum_equals_cpu_reference(offset: int) -> None:
 def test_batched_checksums_equal_the_cpu_reference_for_every_range_shape() -> None:
     import torch
 
-    from sidecar.cuda_memory import _BLOCK_WORDS, CudaOps, device_checksum, device_checksums, reference_checksum
+    from sidecar.memory.cuda import _BLOCK_WORDS, CudaOps, device_checksum, device_checksums, reference_checksum
 
     blk = 4 * _BLOCK_WORDS
     big = 3 * blk + 4 * (1 << 20) + 7
@@ -129,7 +129,7 @@ def test_batched_checksums_equal_the_cpu_reference_for_every_range_shape() -> No
 def test_checksum_sees_swapped_words_and_single_bits() -> None:
     import torch
 
-    from sidecar.cuda_memory import device_checksum
+    from sidecar.memory.cuda import device_checksum
 
     t = torch.arange(1 << 16, dtype=torch.int32, device="cuda:0")
     base = device_checksum(t.data_ptr(), t.numel() * 4, 0)
@@ -144,7 +144,7 @@ def test_checksum_sees_swapped_words_and_single_bits() -> None:
 def test_alloc_and_copy_many() -> None:
     import torch
 
-    from sidecar.cuda_memory import CudaOps, wrap_bytes
+    from sidecar.memory.cuda import CudaOps, wrap_bytes
 
     ops = CudaOps(0)
     a, b = ops.alloc(1 << 24), ops.alloc(1 << 24)
@@ -172,7 +172,7 @@ def test_alloc_and_copy_many() -> None:
 def test_export_import_read_write_across_processes(engine: _Engine) -> None:
     from gpu_procs import digest_raw
 
-    from sidecar.cuda_memory import CudaOps, import_cuda_ipc
+    from sidecar.memory.cuda import CudaOps, import_cuda_ipc
 
     r = engine.reply
     entries = r["entries"]
@@ -204,7 +204,7 @@ def test_export_import_read_write_across_processes(engine: _Engine) -> None:
 
 
 def test_same_handle_imported_twice_is_refcounted(engine: _Engine) -> None:
-    from sidecar.cuda_memory import _opened, import_cuda_ipc
+    from sidecar.memory.cuda import _opened, import_cuda_ipc
 
     h = _handles(engine.reply)[0]
     r1 = import_cuda_ipc(h)
@@ -217,8 +217,8 @@ def test_same_handle_imported_twice_is_refcounted(engine: _Engine) -> None:
 
 
 def test_handle_claiming_more_than_its_segment_is_refused(engine: _Engine) -> None:
-    from sidecar.cuda_memory import import_cuda_ipc
-    from sidecar.protocol import CudaIpcHandle
+    from sidecar.contract.messages import CudaIpcHandle
+    from sidecar.memory.cuda import import_cuda_ipc
 
     h = _handles(engine.reply)[0]
     with pytest.raises(ValueError, match="allocation has only"):
@@ -236,7 +236,7 @@ def test_build_manifest_uses_one_handle_per_segment() -> None:
     import torch
 
     from runtime_hooks.exposure import ModelIdentity, build_manifest, compute_fingerprint
-    from sidecar.protocol import CudaIpcHandle, validate_manifest
+    from sidecar.contract.messages import CudaIpcHandle, validate_manifest
 
     fused = torch.randn(3, 256, 256, device="cuda:0", dtype=torch.bfloat16)
     tensors = {f"l.{i}.w": torch.randn(64, 64, device="cuda:0") for i in range(20)}
@@ -251,8 +251,8 @@ def test_build_manifest_uses_one_handle_per_segment() -> None:
 
 
 def test_new_memory_at_a_freed_address_gets_a_new_ipc_handle() -> None:
-    """What makes handles mapped ahead (sidecar.prefetch) safe: an equal handle names the same allocation."""
-    from sidecar.cuda_memory import driver
+    """What makes handles mapped ahead (sidecar.memory.prefetch) safe: an equal handle names the same allocation."""
+    from sidecar.memory.cuda import driver
 
     d = driver()
     with d.on(0):

@@ -8,7 +8,7 @@ import pytest
 
 
 def test_modules_import_without_touching_cuda() -> None:
-    import sidecar.cuda_memory as cm
+    import sidecar.memory.cuda as cm
 
     assert cm._driver is None  # nothing loaded libcuda at import
     ops = cm.CudaOps(3, warm=False)
@@ -23,7 +23,7 @@ def test_hook_module_imports() -> None:
 
 
 def test_reference_checksum_is_pinned() -> None:
-    from sidecar.cuda_memory import reference_checksum
+    from sidecar.memory.cuda import reference_checksum
 
     assert reference_checksum(b"") == "mxs1:0:0000000000000000:00000000"
     # one word 0x04030201 at position 0 (weight 1); the 5th byte is a zero-padded word at position 1 (weight 2)
@@ -34,7 +34,7 @@ def test_reference_checksum_is_pinned() -> None:
 
 
 def test_reference_checksum_is_position_sensitive() -> None:
-    from sidecar.cuda_memory import reference_checksum
+    from sidecar.memory.cuda import reference_checksum
 
     a = struct.pack("<4I", 1, 2, 3, 4)
     b = struct.pack("<4I", 2, 1, 3, 4)
@@ -43,7 +43,7 @@ def test_reference_checksum_is_position_sensitive() -> None:
 
 
 def test_uuid_format() -> None:
-    from sidecar.cuda_memory import _norm_uuid, format_uuid
+    from sidecar.memory.cuda import _norm_uuid, format_uuid
 
     u = format_uuid(bytes(range(16)))
     assert u == "GPU-00010203-0405-0607-0809-0a0b0c0d0e0f"
@@ -51,7 +51,7 @@ def test_uuid_format() -> None:
 
 
 def test_preload_torch_runs_once() -> None:
-    from sidecar.cuda_memory import preload_torch
+    from sidecar.memory.cuda import preload_torch
 
     t1 = preload_torch()
     t2 = preload_torch()
@@ -68,8 +68,8 @@ def test_batched_checksum_kernel_equals_the_reference_in_tritons_cpu_interpreter
     pytest.importorskip("triton")
     code = """
 import numpy as np, torch
-from sidecar.checksum_kernel import mxs1_blocks
-from sidecar.cuda_memory import _P31, _format_checksum, combine_blocks, plan_blocks, reference_checksum
+from sidecar.memory.checksum_kernel import mxs1_blocks
+from sidecar.memory.cuda import _P31, _format_checksum, combine_blocks, plan_blocks, reference_checksum
 buf = torch.from_numpy(np.random.default_rng(1).integers(0, 256, 1 << 16, dtype=np.uint8))
 raw, base, block = buf.numpy().tobytes(), buf.data_ptr(), 256
 for items in ([(0, 4), (4, 1020), (1024, 4 * block), (8192, 4 * block + 4), (20000, 3 * 4 * block + 8)],

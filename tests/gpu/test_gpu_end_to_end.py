@@ -10,9 +10,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-from runtime_hooks.toy_engine import SMALL, make_checkpoint  # noqa: E402
-from sidecar.embedded_redis import EmbeddedRedis  # noqa: E402
-from sidecar.replica_procs import Replica  # noqa: E402
+from sidecar.lab.embedded_redis import EmbeddedRedis  # noqa: E402
+from sidecar.lab.replica_procs import Replica  # noqa: E402
+from sidecar.lab.toy_engine import SMALL, make_checkpoint  # noqa: E402
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
               pytest.mark.timeout(240)]
 
-from sidecar.embedded_redis import EmbeddedRedis  # noqa: E402
+from sidecar.lab.embedded_redis import EmbeddedRedis  # noqa: E402
 from tests.trtllm.checkpoints import SMALL_CKPT, digests, make_trtllm_checkpoint  # noqa: E402
 from tests.trtllm.procs import FilesNode  # noqa: E402
 

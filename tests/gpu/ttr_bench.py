@@ -40,8 +40,8 @@ def _t(line: str) -> float:
 
 
 def one_pair(variant: str, tree: Path, ckpt: Path, work: Path) -> dict[str, Any]:
-    from sidecar.embedded_redis import EmbeddedRedis
-    from sidecar.replica_procs import Replica
+    from sidecar.lab.embedded_redis import EmbeddedRedis
+    from sidecar.lab.replica_procs import Replica
 
     env = {"PYTHONPATH": f"{tree}:{os.environ.get('PYTHONPATH', '')}", "MX_SOURCE_MODE": "staged",
            "MX_LOG_LEVEL": "info", "MX_TP_SIZE": "1", "MX_STALL_TIMEOUT": "120"}
@@ -100,7 +100,7 @@ def one_pair(variant: str, tree: Path, ckpt: Path, work: Path) -> dict[str, Any]
 
 
 def main() -> int:
-    from runtime_hooks.toy_engine import make_checkpoint
+    from sidecar.lab.toy_engine import make_checkpoint
 
     before = Path(os.environ.get("MX_BEFORE_TREE", ROOT / ".gpu-carry" / "before")).resolve()
     if not (before / "sidecar" / "daemon.py").exists():

@@ -45,7 +45,7 @@ def _engine_notes(lines: list[str]) -> list[str]:
 
 
 def main() -> int:
-    from sidecar.embedded_redis import EmbeddedRedis
+    from sidecar.lab.embedded_redis import EmbeddedRedis
     from tests.vllm.replica import VllmReplica
     from tests.vllm.tiny_llama import make_tiny_llama
 

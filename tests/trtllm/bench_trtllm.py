@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sidecar.demo import evict_from_page_cache
-from sidecar.embedded_redis import EmbeddedRedis
+from sidecar.lab.demo import evict_from_page_cache
+from sidecar.lab.embedded_redis import EmbeddedRedis
 from tests.trtllm.checkpoints import digests, make_trtllm_checkpoint
 from tests.trtllm.procs import FilesNode
 

@@ -1,4 +1,4 @@
-"""A file publisher or loader (`python -m runtime_hooks.trtllm_cli ...`) plus its sidecar (`python -m sidecar run`):
+"""A file publisher or loader (`python -m runtime_hooks.engines.trtllm.cli`) plus its sidecar (`python -m sidecar run`):
 real processes configured only through MX_* variables, as two containers of one pod."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sidecar.replica_procs import Proc
+from sidecar.lab.replica_procs import Proc
 from tests.faults import FAST_ENV
 
 # A stand-in for TensorRT-LLM's engine builder: records its argv, writes config.json and rank{N}.engine for the
@@ -58,7 +58,7 @@ class FilesNode:
         self.env.pop("MX_TP_SIZE", None)  # read from the manifest: a loader learns its rank count from the source
         self.sidecar = Proc(f"{name}-sidecar", [sys.executable, "-m", "sidecar", "run"], self.env, work) \
             if sidecar else None
-        self.proc = Proc(name, [sys.executable, "-m", "runtime_hooks.trtllm_cli", *args], self.env, work)
+        self.proc = Proc(name, [sys.executable, "-m", "runtime_hooks.engines.trtllm.cli", *args], self.env, work)
 
     def result(self, tag: str, timeout: float = 120) -> dict[str, Any]:
         return json.loads(self.proc.wait_for(rf"^{tag} (.*)", timeout).group(1))  # type: ignore[no-any-return]

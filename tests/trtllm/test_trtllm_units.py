@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from runtime_hooks.base import RankHook
+from runtime_hooks.engines.trtllm.files import BuildFailed, BuildOptions, BuildToolMissing, build_command, build_engine
 from runtime_hooks.exposure import build_manifest, compute_fingerprint
-from runtime_hooks.file_layout import (
+from runtime_hooks.files.layout import (
     FileSpec,
     LayoutError,
     detect_form,
@@ -24,7 +25,7 @@ from runtime_hooks.file_layout import (
     plan_ranks,
     rank_fingerprint,
 )
-from runtime_hooks.file_publish import (
+from runtime_hooks.files.publish import (
     FilesError,
     FileSourceAdapter,
     FileTargetAdapter,
@@ -33,9 +34,8 @@ from runtime_hooks.file_publish import (
     resolve_devices,
     usable_mem_types,
 )
-from runtime_hooks.trtllm import BuildFailed, BuildOptions, BuildToolMissing, build_command, build_engine
 from sidecar.config import Config, ConfigError
-from sidecar.protocol import PROTOCOL_VERSION, RankSource, SourceRecord, TensorEntry, replica_fingerprint
+from sidecar.contract.messages import PROTOCOL_VERSION, RankSource, SourceRecord, TensorEntry, replica_fingerprint
 from tests.trtllm.checkpoints import SMALL_CKPT, digests, make_model_dir, make_trtllm_checkpoint
 from tests.trtllm.procs import write_fake_trtllm_build
 
@@ -324,7 +324,7 @@ def test_the_fake_builder_sees_the_options_the_loader_passes(ckpt, tmp_path, mon
 
 
 def test_received_files_never_land_outside_the_destination_through_a_symlinked_directory(tmp_path):
-    from runtime_hooks.file_publish import FileReceiver
+    from runtime_hooks.files.publish import FileReceiver
 
     outside = tmp_path / "outside"
     outside.mkdir()

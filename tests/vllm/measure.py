@@ -17,7 +17,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from sidecar.embedded_redis import EmbeddedRedis
+from sidecar.lab.embedded_redis import EmbeddedRedis
 from tests.vllm.replica import VllmReplica
 from tests.vllm.tiny_llama import make_tiny_llama
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sidecar.replica_procs import Proc
+from sidecar.lab.replica_procs import Proc
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -12,8 +12,8 @@ import torch
 pytest.importorskip("vllm.model_executor")
 pytestmark = pytest.mark.vllm
 
-from runtime_hooks import vllm as mx_vllm  # noqa: E402
-from runtime_hooks import vllm_compat  # noqa: E402
+from runtime_hooks.engines.vllm import compat as vllm_compat  # noqa: E402
+from runtime_hooks.engines.vllm import plugin as mx_vllm  # noqa: E402
 
 
 def test_this_vllm_is_in_the_tested_range_and_has_everything_the_plugin_uses():

@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("vllm.model_executor")
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
-from sidecar.embedded_redis import EmbeddedRedis  # noqa: E402
+from sidecar.lab.embedded_redis import EmbeddedRedis  # noqa: E402
 from tests.vllm.replica import REPO, VllmReplica  # noqa: E402
 from tests.vllm.tiny_llama import make_tiny_llama  # noqa: E402
 

@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("vllm.model_executor")
 pytestmark = pytest.mark.vllm
 
-from runtime_hooks import vllm as mx_vllm  # noqa: E402
+from runtime_hooks.engines.vllm import plugin as mx_vllm  # noqa: E402
 from runtime_hooks.exposure import compute_fingerprint  # noqa: E402
 from tests.vllm.tiny_llama import make_tiny_llama  # noqa: E402
 

@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("vllm.model_executor")
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
-from sidecar.embedded_redis import EmbeddedRedis  # noqa: E402
+from sidecar.lab.embedded_redis import EmbeddedRedis  # noqa: E402
 from tests.trtllm.checkpoints import digests  # noqa: E402
 from tests.trtllm.procs import FilesNode  # noqa: E402
 from tests.vllm.replica import VllmReplica  # noqa: E402

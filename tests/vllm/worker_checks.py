@@ -21,9 +21,9 @@ def adapter_steps(worker: Any) -> dict[str, Any]:
     from vllm.model_executor.model_loader import get_model_loader
     from vllm.utils.torch_utils import set_default_torch_dtype
 
-    from runtime_hooks import vllm_compat
+    from runtime_hooks.engines.vllm import compat as vllm_compat
+    from runtime_hooks.engines.vllm.plugin import VllmAdapter, forget_model_layers
     from runtime_hooks.exposure import compute_fingerprint
-    from runtime_hooks.vllm import VllmAdapter, forget_model_layers
 
     vllm_config = worker.vllm_config
     model_config = vllm_config.model_config

@@ -1,6 +1,6 @@
 """The batched mxs1 checksum kernel (Triton, which ships with PyTorch's CUDA builds).
 
-Imported only when a GPU checksum runs (sidecar.cuda_memory.device_checksums). Kept free of annotations other than
+Imported only when a GPU checksum runs (sidecar.memory.cuda.device_checksums). Kept free of annotations other than
 `tl.constexpr`: Triton reads the kernel's source.
 """
 

@@ -6,10 +6,10 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from sidecar.memory import MemoryOps, Region, import_handle, ops_for
+from sidecar.contract.messages import Handle, Manifest
+from sidecar.memory.regions import MemoryOps, Region, import_handle, ops_for
 from sidecar.planner import target_addresses
-from sidecar.protocol import Handle, Manifest
-from sidecar.staging import StagingRing
+from sidecar.source.ring import StagingRing
 from sidecar.transport import Registration, Transport
 
 
@@ -85,7 +85,7 @@ class RankMemory:
             for r in regions:
                 r.close()
             raise ValueError(f"rank {manifest.tp_rank} spans several devices: {sorted(devices)}")
-        from sidecar.memory import CpuOps
+        from sidecar.memory.regions import CpuOps
 
         ops: MemoryOps = ops_for(regions[0]) if regions else CpuOps()
         addrs = target_addresses(manifest, [r.addr for r in regions])

@@ -14,12 +14,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from sidecar.auth import Keyring
 from sidecar.config import Config
-from sidecar.coordinator import Coordinator, CoordinatorUnavailable
-from sidecar.metrics import Metrics
-from sidecar.planner import chunk_plan
-from sidecar.protocol import (
+from sidecar.contract.auth import Keyring
+from sidecar.contract.messages import (
     MAX_HELLO_AGE_S,
     PROTOCOL_VERSION,
     Bye,
@@ -30,7 +27,10 @@ from sidecar.protocol import (
     Welcome,
     encode,
 )
-from sidecar.rank_memory import RankMemory
+from sidecar.coordinator import Coordinator, CoordinatorUnavailable
+from sidecar.memory.rank_memory import RankMemory
+from sidecar.metrics import Metrics
+from sidecar.planner import chunk_plan
 from sidecar.transport import Transport
 
 log = logging.getLogger("mx.serving")

@@ -29,7 +29,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime_hooks.file_layout import (
+from runtime_hooks.files.layout import (
     FORMS,
     LayoutError,
     checkpoint_world_size,
@@ -37,7 +37,7 @@ from runtime_hooks.file_layout import (
     list_files,
     plan_ranks,
 )
-from runtime_hooks.file_publish import FilePublisher, FileReceiver, FilesError, ReceiveResult, resolve_devices
+from runtime_hooks.files.publish import FilePublisher, FileReceiver, FilesError, ReceiveResult, resolve_devices
 from sidecar.config import Config
 
 log = logging.getLogger("mx.trtllm")

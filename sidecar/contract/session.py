@@ -22,7 +22,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from sidecar.protocol import State
+from sidecar.contract.messages import State
 
 ENGINE_OPS = ("prepare_target", "load_from_storage", "weights_ready", "abort")
 # States in which a session may be writing the rank's memory: nobody else may touch it.

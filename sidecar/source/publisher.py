@@ -17,15 +17,15 @@ from typing import Literal
 
 from sidecar.agents import Agents
 from sidecar.config import Config
+from sidecar.contract.messages import PROTOCOL_VERSION, Manifest, RankSource, Reply, SourceRecord
 from sidecar.coordinator import Coordinator, CoordinatorUnavailable
 from sidecar.engine import EngineRanks
 from sidecar.failpoints import Failpoints
 from sidecar.logs import Ctx
+from sidecar.memory.rank_memory import RankMemory
 from sidecar.metrics import Metrics
-from sidecar.protocol import PROTOCOL_VERSION, Manifest, RankSource, Reply, SourceRecord
-from sidecar.rank_memory import RankMemory
-from sidecar.serving import SourceServer
-from sidecar.staging import StagingRing
+from sidecar.source.ring import StagingRing
+from sidecar.source.server import SourceServer
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ class Publisher:
         key = (rm.mem_type, rm.device_id)
         if self.cfg.source_mode != "auto" or rm.mem_type == "DRAM" or key in self._probed or rm.ring is None:
             return
-        from sidecar.mode_probe import probe_mode
+        from sidecar.source.mode_probe import probe_mode
 
         t0 = time.monotonic()
         res = await probe_mode(rm, rm.ring.slots[0], f"{self.replica_id}-probe{rm.device_id}")

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 from runtime_hooks.exposure import ModelIdentity
-from runtime_hooks.toy_engine import DEMO, DTYPES, SMALL, ToyAdapter, make_checkpoint, rank_tensors
-from sidecar.embedded_redis import EmbeddedRedis
-from sidecar.replica_procs import Replica
+from sidecar.lab.embedded_redis import EmbeddedRedis
+from sidecar.lab.replica_procs import Replica
+from sidecar.lab.toy_engine import DEMO, DTYPES, SMALL, ToyAdapter, make_checkpoint, rank_tensors
 
 
 def ensure_checkpoint(root: Path, cfg: dict[str, int]) -> tuple[Path, int]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
-from sidecar.memory import MemoryOps, Region
+from sidecar.memory.regions import MemoryOps, Region
 from sidecar.planner import Chunk
 
 

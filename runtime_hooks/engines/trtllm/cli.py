@@ -1,4 +1,4 @@
-"""`mx-trtllm publish | load` (also `python -m runtime_hooks.trtllm_cli ...`).
+"""`mx-trtllm publish | load` (also `python -m runtime_hooks.engines.trtllm.cli ...`).
 
     mx-trtllm publish /models/llama/trtllm-ckpt --model-name llama     # serves until SIGTERM
     mx-trtllm load --model-name llama --output-dir /tmp/mx_trtllm       # receive, verify, trtllm-build, exit
@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mx-trtllm: {e}", file=sys.stderr)
         return 2
     setup_logging(cfg.log_level)
-    from runtime_hooks.file_publish import FilesError, SourceNotFound, TransferFailed
-    from runtime_hooks.trtllm import EngineBuildError, TrtllmSourcePublisher, TrtllmTargetLoader
+    from runtime_hooks.engines.trtllm.files import EngineBuildError, TrtllmSourcePublisher, TrtllmTargetLoader
+    from runtime_hooks.files.publish import FilesError, SourceNotFound, TransferFailed
 
     try:
         with _child_sidecar(args.with_sidecar) as stop_sidecar:

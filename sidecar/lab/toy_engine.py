@@ -1,6 +1,6 @@
 """A stand-in engine process for the demo, tests and benchmarks: a Llama-shaped set of tensors per TP rank.
 
-`python -m runtime_hooks.toy_engine --checkpoint DIR --tp 2` builds empty (uninitialised) tensors for
+`python -m sidecar.lab.toy_engine --checkpoint DIR --tp 2` builds empty (uninitialised) tensors for
 every rank with Megatron sharding, starts one RankHook per rank, blocks each rank until the sidecar's
 verdict, prints one JSON line per rank ({"rank", "outcome", "digests", "tensors", "bytes", "seconds"}, the
 seconds from building the tensors to the release), and then keeps serving until SIGTERM.
@@ -23,8 +23,8 @@ import torch
 import xxhash
 
 from runtime_hooks.base import RankHook
+from runtime_hooks.engines.torch_module import TorchModuleAdapter
 from runtime_hooks.exposure import ModelIdentity
-from runtime_hooks.torch_module import TorchModuleAdapter
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

@@ -1,6 +1,6 @@
 """Start a replica (toy engine process + sidecar process) on this machine: used by the demo, tests and bench.
 
-Real processes, real sockets: the engine is `python -m runtime_hooks.toy_engine`, the sidecar is
+Real processes, real sockets: the engine is `python -m sidecar.lab.toy_engine`, the sidecar is
 `python -m sidecar run`, configured only through MX_* variables, exactly as in a pod.
 """
 
@@ -90,7 +90,7 @@ class Replica:
         self.env = env
         self._work = work
         self._sidecars = 1
-        self.engine = Proc(f"{name}-engine", [sys.executable, "-m", "runtime_hooks.toy_engine", "--checkpoint",
+        self.engine = Proc(f"{name}-engine", [sys.executable, "-m", "sidecar.lab.toy_engine", "--checkpoint",
                                               str(checkpoint), "--tp", str(tp), "--model-id", model_id,
                                               "--revision", revision, "--sidecar-timeout", str(sidecar_timeout),
                                               "--devices", devices, *(engine_args or [])],

@@ -20,9 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from sidecar.demo import _metric, disk_load_seconds, ensure_checkpoint
-from sidecar.embedded_redis import EmbeddedRedis
-from sidecar.replica_procs import Replica
+from sidecar.lab.demo import _metric, disk_load_seconds, ensure_checkpoint
+from sidecar.lab.embedded_redis import EmbeddedRedis
+from sidecar.lab.replica_procs import Replica
 
 BENCH = {"hidden": 1024, "intermediate": 2816, "layers": 56, "vocab": 32000, "kv_heads_ratio": 1}
 
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.workdir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     ckpt, ckpt_bytes = ensure_checkpoint(root, BENCH)
-    from runtime_hooks.toy_engine import layout
+    from sidecar.lab.toy_engine import layout
 
     sizes = [2 * n for shape in layout(BENCH, 2, 0).values() for n in [_numel(shape)]] * 2
     work = Path(tempfile.mkdtemp(prefix="logs-", dir=root))  # kept: the logs show what UCX chose

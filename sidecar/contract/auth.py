@@ -20,7 +20,7 @@ from pathlib import Path
 
 import msgspec
 
-from sidecar.protocol import PROTOCOL_VERSION, ProtocolError, Sealed, decode_sealed, encode
+from sidecar.contract.messages import PROTOCOL_VERSION, ProtocolError, Sealed, decode_sealed, encode
 
 MIN_KEY_BYTES = 32
 PURPOSES = ("redis", "peer", "hook", "secret")

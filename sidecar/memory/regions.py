@@ -2,7 +2,7 @@
 
 A Region is a range of memory in this process: engine memory imported from a handle, or a buffer
 the sidecar owns (a staging slot). MemoryOps copies between regions and checksums them, on the CPU
-for DRAM and on the GPU (sidecar.cuda_memory) for VRAM.
+for DRAM and on the GPU (sidecar.memory.cuda) for VRAM.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Protocol
 
 import xxhash
 
-from sidecar.protocol import CudaIpcHandle, Handle, ShmHandle
+from sidecar.contract.messages import CudaIpcHandle, Handle, ShmHandle
 
 SHM_DIR = "/dev/shm"
 
@@ -124,7 +124,7 @@ def import_handle(h: Handle) -> Region:
     if isinstance(h, ShmHandle):
         return ShmRegion(h)
     if isinstance(h, CudaIpcHandle):
-        from sidecar.cuda_memory import import_cuda_ipc
+        from sidecar.memory.cuda import import_cuda_ipc
 
         return import_cuda_ipc(h)  # type: ignore[no-any-return]
     raise TypeError(f"unknown handle type {type(h).__name__}")
@@ -133,6 +133,6 @@ def import_handle(h: Handle) -> Region:
 def ops_for(region: Region) -> MemoryOps:
     if region.mem_type == "DRAM":
         return CpuOps()
-    from sidecar.cuda_memory import CudaOps
+    from sidecar.memory.cuda import CudaOps
 
     return CudaOps(region.device_id)  # type: ignore[no-any-return]

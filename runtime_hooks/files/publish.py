@@ -3,7 +3,7 @@ no files rebuilds the directory byte for byte from a live publisher.
 
 Each rank is an ordinary engine rank to the sidecar: its "tensors" are the exact bytes of its files (one uint8 1-D
 tensor per file, header included, never re-serialised), in POSIX shared memory on CPU and in GPU memory (CUDA IPC)
-on GPU, named `<path>@sha256:<digest>` (runtime_hooks/file_layout.py). The sidecar beside each process does the
+on GPU, named `<path>@sha256:<digest>` (runtime_hooks/files/layout.py). The sidecar beside each process does the
 rest exactly as for vLLM: roles, NIXL, checksums, publication.
 
 Target flow: read the source's record from Redis (`read_source_records`, the one place that reads records), rebuild
@@ -31,11 +31,11 @@ import torch
 
 from runtime_hooks.base import Outcome, RankHook
 from runtime_hooks.exposure import ModelIdentity
-from runtime_hooks.file_layout import FileSpec, LayoutError, SourceLayout, files_identity, layout_from_record
-from sidecar.auth import Keyring
+from runtime_hooks.files.layout import FileSpec, LayoutError, SourceLayout, files_identity, layout_from_record
 from sidecar.config import Config
+from sidecar.contract.auth import Keyring
+from sidecar.contract.messages import SourceRecord
 from sidecar.coordinator import Coordinator, CoordinatorUnavailable
-from sidecar.protocol import SourceRecord
 from sidecar.redis_client import connect as connect_redis
 
 log = logging.getLogger("mx.files")

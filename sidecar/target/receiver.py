@@ -9,18 +9,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from sidecar.auth import AuthError, Keyring
 from sidecar.config import Config
+from sidecar.contract.auth import AuthError, Keyring
+from sidecar.contract.messages import ProtocolError
 from sidecar.coordinator import Candidate, Coordinator, CoordinatorUnavailable
 from sidecar.engine import EngineRanks
 from sidecar.failpoints import Failpoints
 from sidecar.logs import Ctx
+from sidecar.memory.rank_memory import RankMemory
 from sidecar.metrics import Metrics
 from sidecar.peers import PeerRouter
 from sidecar.planner import PlanError
-from sidecar.protocol import ProtocolError
-from sidecar.pulling import FenceError, SourceFailed, Superseded, VerifyError, pull_rank, verify_rank
-from sidecar.rank_memory import RankMemory
+from sidecar.target.pull import FenceError, SourceFailed, Superseded, VerifyError, pull_rank, verify_rank
 from sidecar.transport import TransferError, Transport
 
 Result = Literal["ok", "verify_failed", "refused_layout", "refused_auth", "source_failed", "redis_down", "error"]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from runtime_hooks.exposure import ModelIdentity, layout_fingerprint
-from sidecar.protocol import SourceRecord, replica_fingerprint
+from sidecar.contract.messages import SourceRecord, replica_fingerprint
 
 FORMS = ("trtllm-checkpoint", "model-dir")
 FILES_REVISION = "mx-files/1"

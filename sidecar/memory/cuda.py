@@ -268,7 +268,7 @@ class CudaRegion:
 
 
 def import_cuda_ipc(h: Any) -> CudaRegion:
-    """Map a CudaIpcHandle (sidecar.protocol) on the GPU its UUID names. Checks it covers h.nbytes."""
+    """Map a CudaIpcHandle (sidecar.contract.messages) on the GPU its UUID names. Checks it covers h.nbytes."""
     if len(h.handle) != IPC_HANDLE_BYTES:
         raise ValueError(f"CUDA IPC handle of {len(h.handle)} bytes, expected {IPC_HANDLE_BYTES}")
     if h.nbytes < 0:
@@ -499,13 +499,13 @@ _kernel_lock = threading.Lock()
 
 
 def _mxs1_kernel() -> Any:
-    """The batched kernel (sidecar.checksum_kernel), or None where Triton cannot be imported (then every range
+    """The batched kernel (sidecar.memory.checksum_kernel), or None where Triton cannot be imported (then every range
     takes the per-range torch path)."""
     global _kernel
     with _kernel_lock:
         if _kernel is None:
             try:
-                from sidecar.checksum_kernel import mxs1_blocks
+                from sidecar.memory.checksum_kernel import mxs1_blocks
 
                 _kernel = mxs1_blocks
             except Exception as e:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sidecar.memory import Region
-from sidecar.rank_memory import RankMemory
+from sidecar.memory.rank_memory import RankMemory
+from sidecar.memory.regions import Region
 from sidecar.transport import Transport
 
 log = logging.getLogger("mx.mode_probe")

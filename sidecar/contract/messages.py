@@ -34,7 +34,7 @@ _Slot = tuple[Annotated[int, msgspec.Meta(ge=0)], Annotated[int, msgspec.Meta(ge
 Op = Literal["ping", "describe", "prepare_target", "load_from_storage", "weights_ready", "abort"]
 OPS: tuple[str, ...] = ("ping", "describe", "prepare_target", "load_from_storage", "weights_ready", "abort")
 
-# Hook states, in the order a healthy replica walks them (sidecar/session.py holds the rules).
+# Hook states, in the order a healthy replica walks them (sidecar/contract/session.py holds the rules).
 #   waiting   : tensors allocated, no verdict yet (the engine is blocked); no session may write them
 #   preparing : a session's prepare_target runs (dummy init + post-processing)
 #   loading   : reading weights from storage (source, or fallback)
@@ -117,7 +117,7 @@ class Request(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     id: int
     op: Op
     session: str = ""  # the sidecar process's session; engine-changing ops need the one that owns the rank
-    mac: bytes = b""  # HMAC with the deployment key (sidecar.auth), required by a hook that has a key
+    mac: bytes = b""  # HMAC with the deployment key (sidecar.contract.auth), required by a hook that has a key
 
 
 class Reply(msgspec.Struct, frozen=True):
@@ -354,7 +354,7 @@ _record_decoder = msgspec.msgpack.Decoder(SourceRecord)
 
 
 def decode_record(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> SourceRecord:
-    """The record inside a Sealed value's body (the seal is checked by sidecar.auth first)."""
+    """The record inside a Sealed value's body (the seal is checked by sidecar.contract.auth first)."""
     _check_frame(data, max_bytes)
     try:
         rec = _record_decoder.decode(data)

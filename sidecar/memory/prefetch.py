@@ -17,9 +17,9 @@ import asyncio
 import contextlib
 import time
 
+from sidecar.contract.messages import Handle, Reply
 from sidecar.logs import Ctx
-from sidecar.memory import Region, import_handle
-from sidecar.protocol import Handle, Reply
+from sidecar.memory.regions import Region, import_handle
 
 
 class HandlePrefetch:

@@ -1,6 +1,6 @@
 """vLLM plugin: load format `mx`, backed by the mx sidecar.
 
-Entry point (pyproject): `[project.entry-points."vllm.general_plugins"] mx = "runtime_hooks.vllm:register"`.
+Entry point (pyproject, `vllm.general_plugins`): `mx = "runtime_hooks.engines.vllm.plugin:register"`.
 vLLM calls `register()` in every process it starts (API/LLM process, engine core, workers); only the worker
 that builds the model ever uses the loader. A user adds `--load-format mx` and `MX_ZMQ_ADDRESS`.
 
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from runtime_hooks import vllm_compat
+from runtime_hooks.engines.vllm import compat as vllm_compat
 from runtime_hooks.exposure import ModelIdentity
 
 if TYPE_CHECKING:

@@ -19,15 +19,15 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from sidecar.auth import Keyring
 from sidecar.config import Config
+from sidecar.contract.auth import Keyring
+from sidecar.contract.messages import PROTOCOL_VERSION, Bye, Done, Hello, RankSource, Ready, Welcome, encode
 from sidecar.failpoints import Failpoints
 from sidecar.logs import Ctx
+from sidecar.memory.rank_memory import RankMemory
 from sidecar.metrics import Metrics
 from sidecar.peers import PeerRouter
 from sidecar.planner import Chunk, PlanError, check_entries_match, chunk_plan, descriptors
-from sidecar.protocol import PROTOCOL_VERSION, Bye, Done, Hello, RankSource, Ready, Welcome, encode
-from sidecar.rank_memory import RankMemory
 from sidecar.transport import TransferError, Transport
 
 DIRECT_WINDOW = 4  # READs in flight in direct mode; staged mode is bounded by the source's slots
