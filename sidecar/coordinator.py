@@ -28,6 +28,7 @@ from redis.exceptions import RedisError
 
 from sidecar.contract.auth import AuthError, Keyring
 from sidecar.contract.messages import ProtocolError, SourceRecord, decode_record, decode_sealed, encode
+from sidecar.errors import CoordinatorUnavailable
 from sidecar.redis_client import describe_error
 
 log = logging.getLogger("mx.coordinator")
@@ -66,9 +67,6 @@ MAX_REPLICA_ID_CHARS = 200
 MAX_BEAT_BYTES = 128  # values are read with GETRANGE: never more than these bounds reach this process
 MAX_COUNTER_BYTES = 32
 
-
-class CoordinatorUnavailable(RuntimeError):
-    """Redis could not be reached: distinct from 'no source' in metrics and logs."""
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,9 @@ from sidecar.agents import Agents
 from sidecar.config import Config
 from sidecar.contract.auth import Keyring
 from sidecar.contract.messages import Reply
-from sidecar.coordinator import Candidate, Coordinator, CoordinatorUnavailable
-from sidecar.engine import EngineGone, EngineRanks, FatalError
+from sidecar.coordinator import Candidate, Coordinator
+from sidecar.engine import EngineRanks
+from sidecar.errors import CoordinatorUnavailable, FatalError, FenceError, Superseded, exit_code, without_verdict
 from sidecar.failpoints import Failpoints
 from sidecar.logs import Ctx
 from sidecar.memory.prefetch import HandlePrefetch
@@ -33,11 +34,7 @@ from sidecar.roles import decide, renew_lease
 from sidecar.source.publisher import Publisher
 from sidecar.source.server import SourceServer
 from sidecar.supervisor import Supervisor
-from sidecar.target.pull import FenceError, Superseded
 from sidecar.target.receiver import Receiver
-
-ENGINE_GONE_EXIT = 3
-FENCE_EXIT = 4  # READs could not be confirmed finished: exit without a verdict, the engine stays blocked
 
 
 class Daemon:
@@ -99,15 +96,15 @@ class Daemon:
             self.metrics.fence_failures.labels(self.engine.model).inc()
             self.log.error("%s: exiting WITHOUT a verdict; the engine stays blocked until a new sidecar takes over "
                            "(fail closed)", e)
-            self._no_verdict, self._exit_code = True, FENCE_EXIT
+            self._no_verdict, self._exit_code = True, exit_code(e)
         except (FatalError, Superseded) as e:
             self.log.error("fatal: %s", e)
-            self._no_verdict = self._no_verdict or isinstance(e, Superseded)
-            self._exit_code = ENGINE_GONE_EXIT if "engine is gone" in str(e) else 2
+            self._no_verdict = self._no_verdict or without_verdict(e)
+            self._exit_code = exit_code(e)
         finally:
             stopper.cancel()
-            if self.sup.failure:
-                self._exit_code = self._exit_code or (ENGINE_GONE_EXIT if isinstance(self.sup.exc, EngineGone) else 5)
+            if self.sup.exc is not None:
+                self._exit_code = self._exit_code or exit_code(self.sup.exc)
             await self._shutdown()
             ctx.term()
         return self._exit_code

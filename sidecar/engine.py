@@ -19,20 +19,15 @@ from sidecar.config import Config
 from sidecar.contract.auth import Keyring
 from sidecar.contract.messages import Manifest, Reply, replica_fingerprint
 from sidecar.contract.session import new_session_id
+from sidecar.errors import EngineError, EngineGone, FatalError
 from sidecar.failpoints import Failpoints
-from sidecar.link import EngineError, EngineLink
+from sidecar.link import EngineLink
 from sidecar.logs import Ctx
 from sidecar.metrics import Metrics
 
 ENGINE_PING_FAILURES = 3
 
 
-class FatalError(RuntimeError):
-    """The replica cannot go on (engine failed, inconsistent ranks); the process exits non-zero."""
-
-
-class EngineGone(FatalError):
-    pass
 
 
 class EngineRanks:

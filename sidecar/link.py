@@ -18,12 +18,10 @@ import zmq.asyncio
 
 from sidecar.contract.auth import Keyring
 from sidecar.contract.messages import PROTOCOL_VERSION, Op, ProtocolError, Reply, Request, decode_reply, encode
+from sidecar.errors import EngineError
 
 log = logging.getLogger("mx.link")
 
-
-class EngineError(RuntimeError):
-    """The hook answered with ok=false, or did not answer in time."""
 
 
 class EngineLink:

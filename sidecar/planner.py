@@ -18,17 +18,14 @@ import numpy as np
 from sidecar.contract.messages import (
     MAX_CHUNKS_PER_RANK,
     Manifest,
-    ProtocolError,
     TensorEntry,
     layout_digest,
     validate_manifest,
 )
+from sidecar.errors import PlanError
 
 SLOT_ALIGN = 256  # piece starts inside a slot: keeps GPU copies and RDMA on aligned addresses
 
-
-class PlanError(ProtocolError):
-    pass
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from sidecar.config import Config
-from sidecar.coordinator import Candidate, Coordinator, CoordinatorUnavailable
+from sidecar.coordinator import Candidate, Coordinator
+from sidecar.errors import CoordinatorUnavailable
 from sidecar.logs import Ctx
 from sidecar.metrics import Metrics
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from sidecar.errors import TransferError
 from sidecar.failpoints import Failpoints
 from sidecar.memory.regions import Region
 
@@ -43,9 +44,6 @@ def _nixl_api() -> Any:
             continue
     raise ImportError("no NIXL found: install nixl-cu13 (or nixl-cu12)")
 
-
-class TransferError(RuntimeError):
-    pass
 
 
 class Transport:

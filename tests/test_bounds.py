@@ -25,7 +25,8 @@ from sidecar.contract.messages import (
     encode,
 )
 from sidecar.coordinator import MAX_SOURCE_MEMBERS, Coordinator
-from sidecar.planner import PlanError, chunk_plan
+from sidecar.errors import PlanError
+from sidecar.planner import chunk_plan
 from sidecar.redis_client import connect
 
 

@@ -28,7 +28,8 @@ from sidecar.contract.messages import (
     decode_record,
     encode,
 )
-from sidecar.coordinator import MAX_SOURCE_MEMBERS, Coordinator, CoordinatorUnavailable
+from sidecar.coordinator import MAX_SOURCE_MEMBERS, Coordinator
+from sidecar.errors import CoordinatorUnavailable
 from sidecar.lab.embedded_redis import EmbeddedRedis
 from sidecar.redis_client import connect
 from tests.fuzz_support import budget, deep, huge_lengths, values

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from sidecar.contract.messages import Manifest, ShmHandle, TensorEntry, layout_digest
-from sidecar.planner import PlanError, check_compatible, chunk_plan, descriptors, target_addresses
+from sidecar.errors import PlanError
+from sidecar.planner import check_compatible, chunk_plan, descriptors, target_addresses
 
 
 def _entries(sizes):

@@ -17,7 +17,8 @@ import redis
 from sidecar.config import Config, ConfigError
 from sidecar.contract.auth import Keyring
 from sidecar.contract.messages import PROTOCOL_VERSION, RankSource, SourceRecord
-from sidecar.coordinator import Coordinator, CoordinatorUnavailable
+from sidecar.coordinator import Coordinator
+from sidecar.errors import CoordinatorUnavailable
 from sidecar.lab.embedded_redis import EmbeddedRedis, ServerTls
 from sidecar.redis_client import connect, describe_error, redact_url
 from tests.redis_secure import make_pki, tls_server

@@ -11,7 +11,7 @@ import pytest
 from runtime_hooks.engines.vllm import compat as vllm_compat
 from runtime_hooks.engines.vllm.compat import Need
 
-PLUGIN = Path(__file__).resolve().parents[1] / "runtime_hooks" / "vllm.py"
+PLUGIN_DIR = Path(__file__).resolve().parents[1] / "runtime_hooks" / "engines" / "vllm"
 
 
 def _checked() -> set[tuple[str, str]]:
@@ -27,7 +27,7 @@ def _checked() -> set[tuple[str, str]]:
 
 def test_every_vllm_name_the_plugin_imports_is_checked_by_the_compat_module():
     imported = set()
-    for node in ast.walk(ast.parse(PLUGIN.read_text())):
+    for node in (n for f in sorted(PLUGIN_DIR.glob("*.py")) for n in ast.walk(ast.parse(f.read_text()))):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "vllm":
             imported |= {(node.module, a.name) for a in node.names}
     assert imported, "the plugin imports vLLM names"

@@ -35,7 +35,8 @@ from runtime_hooks.files.layout import FileSpec, LayoutError, SourceLayout, file
 from sidecar.config import Config
 from sidecar.contract.auth import Keyring
 from sidecar.contract.messages import SourceRecord
-from sidecar.coordinator import Coordinator, CoordinatorUnavailable
+from sidecar.coordinator import Coordinator
+from sidecar.errors import CoordinatorUnavailable
 from sidecar.redis_client import connect as connect_redis
 
 log = logging.getLogger("mx.files")

@@ -18,8 +18,9 @@ from typing import Literal
 from sidecar.agents import Agents
 from sidecar.config import Config
 from sidecar.contract.messages import PROTOCOL_VERSION, Manifest, RankSource, Reply, SourceRecord
-from sidecar.coordinator import Coordinator, CoordinatorUnavailable
+from sidecar.coordinator import Coordinator
 from sidecar.engine import EngineRanks
+from sidecar.errors import CoordinatorUnavailable
 from sidecar.failpoints import Failpoints
 from sidecar.logs import Ctx
 from sidecar.memory.rank_memory import RankMemory

@@ -27,7 +27,8 @@ from sidecar.contract.messages import (
     Welcome,
     encode,
 )
-from sidecar.coordinator import Coordinator, CoordinatorUnavailable
+from sidecar.coordinator import Coordinator
+from sidecar.errors import CoordinatorUnavailable
 from sidecar.memory.rank_memory import RankMemory
 from sidecar.metrics import Metrics
 from sidecar.planner import chunk_plan

@@ -22,32 +22,21 @@ from typing import Any
 from sidecar.config import Config
 from sidecar.contract.auth import Keyring
 from sidecar.contract.messages import PROTOCOL_VERSION, Bye, Done, Hello, RankSource, Ready, Welcome, encode
+from sidecar.errors import FenceError, PlanError, SourceFailed, Superseded, TransferError, VerifyError
 from sidecar.failpoints import Failpoints
 from sidecar.logs import Ctx
 from sidecar.memory.rank_memory import RankMemory
 from sidecar.metrics import Metrics
 from sidecar.peers import PeerRouter
-from sidecar.planner import Chunk, PlanError, check_entries_match, chunk_plan, descriptors
-from sidecar.transport import TransferError, Transport
+from sidecar.planner import Chunk, check_entries_match, chunk_plan, descriptors
+from sidecar.transport import Transport
 
 DIRECT_WINDOW = 4  # READs in flight in direct mode; staged mode is bounded by the source's slots
 MAX_CHUNKS = 1_000_000  # a target's cap, tighter than the planner's default; the planner refuses before building
 
 
-class VerifyError(RuntimeError):
-    pass
 
 
-class SourceFailed(RuntimeError):
-    pass
-
-
-class FenceError(RuntimeError):
-    """READs into engine memory may still be in flight: nothing may touch that memory; the process must exit."""
-
-
-class Superseded(RuntimeError):
-    """The rank is no longer ours to write (state moved, another session, or our lease went stale)."""
 
 
 Guard = Callable[[], str]  # '' while this session may write the rank, else why not

@@ -12,16 +12,24 @@ from typing import Literal
 from sidecar.config import Config
 from sidecar.contract.auth import AuthError, Keyring
 from sidecar.contract.messages import ProtocolError
-from sidecar.coordinator import Candidate, Coordinator, CoordinatorUnavailable
+from sidecar.coordinator import Candidate, Coordinator
 from sidecar.engine import EngineRanks
+from sidecar.errors import (
+    CoordinatorUnavailable,
+    FenceError,
+    PlanError,
+    SourceFailed,
+    Superseded,
+    TransferError,
+    VerifyError,
+)
 from sidecar.failpoints import Failpoints
 from sidecar.logs import Ctx
 from sidecar.memory.rank_memory import RankMemory
 from sidecar.metrics import Metrics
 from sidecar.peers import PeerRouter
-from sidecar.planner import PlanError
-from sidecar.target.pull import FenceError, SourceFailed, Superseded, VerifyError, pull_rank, verify_rank
-from sidecar.transport import TransferError, Transport
+from sidecar.target.pull import pull_rank, verify_rank
+from sidecar.transport import Transport
 
 Result = Literal["ok", "verify_failed", "refused_layout", "refused_auth", "source_failed", "redis_down", "error"]
 
