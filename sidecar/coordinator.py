@@ -1,12 +1,6 @@
 """Redis: seeding lease, source registry, heartbeats, source choice.
 
-Keys (P = MX_REDIS_PREFIX, F = replica fingerprint, R = replica id = host-pid-random, new per process):
-  P:F:seed          seeding lease, SET NX PX, value R; renewed while loading
-  P:F:sources       set of replica ids that published
-  P:F:src:R         the SourceRecord (msgpack), written once, its TTL refreshed by PEXPIRE per beat
-  P:F:hb:R          tiny heartbeat (wall time), PX = MX_SOURCE_TTL
-  P:F:readers:R     readers currently pulling from R (least-loaded choice)
-  P:agent:NAME      NIXL agent metadata of every agent (targets too: sources send them notifications)
+The key layout is in sidecar/redis_keys.py; a replica id is host-pid-random, new per process.
 Heartbeats never rewrite the large record (a field report had that fill a Redis disk).
 
 Records and agent metadata are Sealed values (sidecar.contract.auth): an HMAC with the deployment key over the
@@ -30,6 +24,7 @@ from sidecar.contract.auth import AuthError, Keyring
 from sidecar.contract.messages import ProtocolError, SourceRecord, decode_record, decode_sealed, encode
 from sidecar.errors import CoordinatorUnavailable
 from sidecar.redis_client import describe_error
+from sidecar.redis_keys import RedisKeys
 
 log = logging.getLogger("mx.coordinator")
 
@@ -105,16 +100,13 @@ class Coordinator:
         self._r = client  # from sidecar.redis_client.connect(cfg): AUTH and TLS are set up there
         self._keys = keys
         self._on_auth_fail = on_auth_fail
-        self._p = prefix
+        self._key_of = RedisKeys(prefix)
         self.replica_id = replica_id
         self._node = node
         self._ttl_ms = int(source_ttl * 1000)
         self._ttl_s = source_ttl
         self._max_record = max_record_bytes
         self._max_meta = max_metadata_bytes
-
-    def _k(self, fp: str, *parts: str) -> str:
-        return ":".join((self._p, fp, *parts))
 
     async def _call(self, what: str, coro):  # type: ignore[no-untyped-def]
         try:
@@ -127,30 +119,30 @@ class Coordinator:
 
     # -------------------------------------------------------------- seeding lease
     async def try_seed(self, fp: str, ttl: float) -> bool:
-        ok = await self._call("seed", self._r.set(self._k(fp, "seed"), self.replica_id, nx=True, px=int(ttl * 1000)))
+        ok = await self._call("seed", self._r.set(self._key_of.seed(fp), self.replica_id, nx=True, px=int(ttl * 1000)))
         return bool(ok)
 
     async def renew_seed(self, fp: str, ttl: float) -> bool:
-        r = await self._call("renew", self._r.eval(_RENEW_LUA, 1, self._k(fp, "seed"), self.replica_id,
+        r = await self._call("renew", self._r.eval(_RENEW_LUA, 1, self._key_of.seed(fp), self.replica_id,
                                                    int(ttl * 1000)))
         return bool(r)
 
     async def release_seed(self, fp: str) -> None:
-        await self._call("release", self._r.eval(_RELEASE_LUA, 1, self._k(fp, "seed"), self.replica_id))
+        await self._call("release", self._r.eval(_RELEASE_LUA, 1, self._key_of.seed(fp), self.replica_id))
 
     async def seeder(self, fp: str) -> str | None:
-        v = await self._call("seeder", self._r.getrange(self._k(fp, "seed"), 0, MAX_REPLICA_ID_CHARS))
+        v = await self._call("seeder", self._r.getrange(self._key_of.seed(fp), 0, MAX_REPLICA_ID_CHARS))
         return v.decode(errors="replace")[:MAX_REPLICA_ID_CHARS] if v else None  # only ever logged
 
     # -------------------------------------------------------------- agents
     async def put_agent(self, name: str, metadata: bytes) -> None:
-        key = f"{self._p}:agent:{name}"
+        key = self._key_of.agent(name)
         await self._call("put_agent", self._r.set(key, self._keys.seal("agent", key, metadata, secret=True),
                                                    px=self._ttl_ms))
 
     async def get_agent(self, name: str) -> bytes:
         """The agent's NIXL metadata; AuthError if its seal is missing or wrong (a foreign agent)."""
-        key = f"{self._p}:agent:{name}"
+        key = self._key_of.agent(name)
         blob = await self._call("get_agent", self._r.getrange(key, 0, self._max_meta + 1024))
         if not blob:
             raise ProtocolError(f"no metadata for agent {name!r} in Redis")
@@ -166,20 +158,20 @@ class Coordinator:
     async def publish(self, rec: SourceRecord, agent_names: list[str]) -> None:
         fp, rid = rec.fingerprint, rec.replica
         pipe = self._r.pipeline(transaction=True)
-        key = self._k(fp, "src", rid)
+        key = self._key_of.record(fp, rid)
         pipe.set(key, self._keys.seal("record", key, encode(rec)), px=self._ttl_ms)
-        pipe.set(self._k(fp, "hb", rid), self._beat(), px=self._ttl_ms)
-        pipe.sadd(self._k(fp, "sources"), rid)
+        pipe.set(self._key_of.heartbeat(fp, rid), self._beat(), px=self._ttl_ms)
+        pipe.sadd(self._key_of.sources(fp), rid)
         await self._call("publish", pipe.execute())
         log.info("published %s as a source of %s (%d ranks)", rid, fp[:12], len(rec.ranks))
 
     async def heartbeat(self, fp: str, agent_names: list[str]) -> bool:
         """Tiny beat. False when Redis forgot the record (restart, eviction): the caller re-publishes."""
         pipe = self._r.pipeline(transaction=False)
-        pipe.set(self._k(fp, "hb", self.replica_id), self._beat(), px=self._ttl_ms)
-        pipe.pexpire(self._k(fp, "src", self.replica_id), self._ttl_ms)
+        pipe.set(self._key_of.heartbeat(fp, self.replica_id), self._beat(), px=self._ttl_ms)
+        pipe.pexpire(self._key_of.record(fp, self.replica_id), self._ttl_ms)
         for a in agent_names:
-            pipe.pexpire(f"{self._p}:agent:{a}", self._ttl_ms)
+            pipe.pexpire(self._key_of.agent(a), self._ttl_ms)
         res = await self._call("heartbeat", pipe.execute())
         return bool(res[1]) and all(bool(x) for x in res[2:])
 
@@ -190,16 +182,16 @@ class Coordinator:
 
     async def withdraw(self, fp: str, agent_names: list[str]) -> None:
         pipe = self._r.pipeline(transaction=True)
-        pipe.srem(self._k(fp, "sources"), self.replica_id)
-        pipe.delete(self._k(fp, "src", self.replica_id), self._k(fp, "hb", self.replica_id),
-                    self._k(fp, "readers", self.replica_id), *[f"{self._p}:agent:{a}" for a in agent_names])
+        pipe.srem(self._key_of.sources(fp), self.replica_id)
+        pipe.delete(self._key_of.record(fp, self.replica_id), self._key_of.heartbeat(fp, self.replica_id),
+                    self._key_of.readers(fp, self.replica_id), *[self._key_of.agent(a) for a in agent_names])
         await self._call("withdraw", pipe.execute())
         log.info("withdrew %s from the sources of %s", self.replica_id, fp[:12])
 
     async def live_sources(self, fp: str) -> list[Candidate]:
         """Fresh sources, same node first, then least loaded. Stale members are pruned."""
-        members = await self._call("sources", self._r.eval(_MEMBERS_LUA, 1, self._k(fp, "sources"), MAX_SOURCE_MEMBERS,
-                                                           MAX_REPLICA_ID_CHARS))
+        members = await self._call("sources", self._r.eval(_MEMBERS_LUA, 1, self._key_of.sources(fp),
+                                                           MAX_SOURCE_MEMBERS, MAX_REPLICA_ID_CHARS))
         out: list[Candidate] = []
         now = time.time()
         for m in members[:MAX_SOURCE_MEMBERS]:
@@ -217,11 +209,11 @@ class Coordinator:
                 log.warning("ignoring source %s: its keys hold values of another type", rid)
                 continue
             if not hb or not blob:  # GETRANGE reads a missing key as empty
-                await self._call("prune", self._r.srem(self._k(fp, "sources"), rid))
+                await self._call("prune", self._r.srem(self._key_of.sources(fp), rid))
                 continue
             if not _fresh(hb, now):  # freshness check on top of the key's TTL
                 continue
-            cand = self._candidate(self._k(fp, "src", rid), fp, rid, blob, readers)
+            cand = self._candidate(self._key_of.record(fp, rid), fp, rid, blob, readers)
             if cand is not None:
                 out.append(cand)
         out.sort(key=lambda c: (not c.same_node, c.readers, c.record.replica))
@@ -251,14 +243,14 @@ class Coordinator:
         out: list[Candidate] = []
         now = time.time()
         try:
-            keys = [k.decode() async for k in self._r.scan_iter(match=f"{self._p}:*:src:*", count=1000)]
+            keys = [k.decode() async for k in self._r.scan_iter(match=self._key_of.every_record(), count=1000)]
         except (RedisError, OSError) as e:
             raise CoordinatorUnavailable(f"redis scan: {e}") from e
         for key in keys:
-            parts = key.split(":")
-            if len(parts) != 4:
+            parsed = self._key_of.per_replica(key, "src")
+            if parsed is None:
                 continue
-            fp, rid = parts[1], parts[3]
+            fp, rid = parsed.fingerprint, parsed.replica
             hb, blob, readers = await self._call("source", self._get3(fp, rid))
             if any(isinstance(x, Exception) for x in (hb, blob, readers)):  # e.g. WRONGTYPE: not string values
                 continue
@@ -278,13 +270,13 @@ class Coordinator:
 
     async def _get3(self, fp: str, rid: str):  # type: ignore[no-untyped-def]
         pipe = self._r.pipeline(transaction=False)
-        pipe.getrange(self._k(fp, "hb", rid), 0, MAX_BEAT_BYTES)
-        pipe.getrange(self._k(fp, "src", rid), 0, self._max_record)  # one byte past the limit: refused, not cut
-        pipe.getrange(self._k(fp, "readers", rid), 0, MAX_COUNTER_BYTES)
+        pipe.getrange(self._key_of.heartbeat(fp, rid), 0, MAX_BEAT_BYTES)
+        pipe.getrange(self._key_of.record(fp, rid), 0, self._max_record)  # one byte past the limit: refused, not cut
+        pipe.getrange(self._key_of.readers(fp, rid), 0, MAX_COUNTER_BYTES)
         return await pipe.execute(raise_on_error=False)  # a wrong-typed key filters this source, not the choice
 
     async def reader_delta(self, fp: str, rid: str, delta: int) -> None:
-        key = self._k(fp, "readers", rid)
+        key = self._key_of.readers(fp, rid)
         pipe = self._r.pipeline(transaction=True)
         pipe.incrby(key, delta)
         pipe.pexpire(key, self._ttl_ms * 30)

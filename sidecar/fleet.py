@@ -16,6 +16,7 @@ from sidecar.config import Config
 from sidecar.contract.auth import AuthError, Keyring
 from sidecar.contract.messages import ProtocolError, SourceRecord, decode_record, decode_sealed
 from sidecar.coordinator import open_record
+from sidecar.redis_keys import RedisKeys
 
 
 def _open(keys: Keyring, key: str, blob: bytes, max_bytes: int) -> tuple[SourceRecord, str]:
@@ -85,21 +86,26 @@ async def read_fleet(r: Any, prefix: str, model: str | None = None, max_record_b
     sources: list[Source] = []
     readers_by_fp: dict[str, int] = {}
     fp_model: dict[str, str] = {}
-    async for key in r.scan_iter(match=f"{prefix}:*:readers:*", count=500):
+    keys_of = RedisKeys(prefix)
+    async for key in r.scan_iter(match=keys_of.every_readers(), count=500):
         k = key.decode()
-        fp = k.split(":")[1]
+        if (parsed := keys_of.per_replica(k, "readers")) is None:
+            continue
+        fp = parsed.fingerprint
         v = await r.get(k)
         try:
             readers_by_fp[fp] = readers_by_fp.get(fp, 0) + max(0, int(v or 0))
         except ValueError:
             unreadable.append(f"{k}: not a count")
-    async for key in r.scan_iter(match=f"{prefix}:*:src:*", count=500):
+    async for key in r.scan_iter(match=keys_of.every_record(), count=500):
         k = key.decode()
-        _, fp, _, rid = k.split(":", 3)
+        if (src := keys_of.per_replica(k, "src")) is None:
+            continue
+        fp, rid = src.fingerprint, src.replica
         pipe = r.pipeline(transaction=False)
         pipe.get(k)
-        pipe.get(f"{prefix}:{fp}:hb:{rid}")
-        pipe.get(f"{prefix}:{fp}:readers:{rid}")
+        pipe.get(keys_of.heartbeat(fp, rid))
+        pipe.get(keys_of.readers(fp, rid))
         blob, hb, readers = await pipe.execute()
         if blob is None:
             continue  # expired between SCAN and GET
@@ -118,15 +124,17 @@ async def read_fleet(r: Any, prefix: str, model: str | None = None, max_record_b
             heartbeat_s=max(0.0, now - beat[0]) if beat else None, live=bool(beat and now - beat[0] <= beat[1]),
             authenticated=auth))
     leases: list[Lease] = []
-    async for key in r.scan_iter(match=f"{prefix}:*:seed", count=500):
+    async for key in r.scan_iter(match=keys_of.every_seed(), count=500):
         k = key.decode()
-        fp = k.split(":")[1]
+        if (seed_fp := keys_of.seed_fingerprint(k)) is None:
+            continue
         pipe = r.pipeline(transaction=False)
         pipe.get(k)
         pipe.pttl(k)
         holder, pttl = await pipe.execute()
         if holder is not None:
-            leases.append(Lease(fp, fp_model.get(fp, ""), holder.decode(errors="replace"), max(0, pttl) / 1000))
+            leases.append(Lease(seed_fp, fp_model.get(seed_fp, ""), holder.decode(errors="replace"),
+                                max(0, pttl) / 1000))
     views: dict[str, ModelView] = {}
 
     def view(name: str) -> ModelView:
