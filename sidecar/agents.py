@@ -9,6 +9,7 @@ from typing import Any
 
 from sidecar.contract.messages import CudaIpcHandle, Manifest
 from sidecar.coordinator import Coordinator
+from sidecar.engine import EngineRanks
 from sidecar.failpoints import Failpoints
 from sidecar.logs import Ctx
 from sidecar.memory.prefetch import HandlePrefetch
@@ -110,6 +111,16 @@ class Agents:
     def names(self) -> list[str]:
         return [tr.name for tr in self.transports.values()]
 
-    def close(self) -> None:
+    def prefetch_handles(self, engine: EngineRanks, log: Ctx) -> None:
+        """Map the handles the engine offers before it is ready, off the critical path (sidecar.memory.prefetch)."""
+        pf = self.prefetch = HandlePrefetch(len(engine.links), log)
+        engine.observe(pf.offer)
+        for link in engine.links:
+            if link.last_reply is not None:
+                pf.offer(link.rank, link.last_reply)
+
+    async def aclose(self) -> None:
+        if self.prefetch is not None:
+            await self.prefetch.aclose()
         for tr in self.transports.values():
             tr.close()

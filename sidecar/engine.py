@@ -71,6 +71,11 @@ class EngineRanks:
         return EngineLink(ctx, self.cfg.rank_address(rank), rank, self.cfg.max_message_bytes, self.session,
                           self._keys)
 
+    def observe(self, fn: Callable[[int, Reply], None]) -> None:
+        """`fn(rank, reply)` on every answered ping (prefetch, the source's watch)."""
+        if fn not in self.observers:
+            self.observers.append(fn)
+
     def latest_manifests(self) -> list[Manifest]:
         """Each rank's manifest as its newest reply gave it."""
         return [lk.last_reply.manifest for lk in self.links if lk.last_reply is not None

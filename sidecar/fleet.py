@@ -83,10 +83,19 @@ async def read_fleet(r: Any, prefix: str, model: str | None = None, max_record_b
     """One consistent-enough pass over Redis (SCAN + pipelined GETs); `model` filters the result."""
     now = time.time()
     unreadable: list[str] = []
-    sources: list[Source] = []
-    readers_by_fp: dict[str, int] = {}
-    fp_model: dict[str, str] = {}
     keys_of = RedisKeys(prefix)
+    readers_by_fp = await _reader_counts(r, keys_of, unreadable)
+    sources = await _sources(r, keys_of, keys or Keyring(None), max_record_bytes, now, unreadable)
+    fp_model = {s.fingerprint: s.model for s in sources}
+    leases = await _leases(r, keys_of, fp_model)
+    models = _by_model(sources, leases, readers_by_fp, fp_model)
+    if model is not None:
+        models = [m for m in models if m.model == model]
+    return Fleet(redis_label, now, models, unreadable)
+
+
+async def _reader_counts(r: Any, keys_of: RedisKeys, unreadable: list[str]) -> dict[str, int]:
+    readers_by_fp: dict[str, int] = {}
     async for key in r.scan_iter(match=keys_of.every_readers(), count=500):
         k = key.decode()
         if (parsed := keys_of.per_replica(k, "readers")) is None:
@@ -97,6 +106,12 @@ async def read_fleet(r: Any, prefix: str, model: str | None = None, max_record_b
             readers_by_fp[fp] = readers_by_fp.get(fp, 0) + max(0, int(v or 0))
         except ValueError:
             unreadable.append(f"{k}: not a count")
+    return readers_by_fp
+
+
+async def _sources(r: Any, keys_of: RedisKeys, keys: Keyring, max_record_bytes: int, now: float,
+                   unreadable: list[str]) -> list[Source]:
+    sources: list[Source] = []
     async for key in r.scan_iter(match=keys_of.every_record(), count=500):
         k = key.decode()
         if (src := keys_of.per_replica(k, "src")) is None:
@@ -110,12 +125,11 @@ async def read_fleet(r: Any, prefix: str, model: str | None = None, max_record_b
         if blob is None:
             continue  # expired between SCAN and GET
         try:
-            rec, auth = _open(keys or Keyring(None), k, bytes(blob), max_record_bytes)
+            rec, auth = _open(keys, k, bytes(blob), max_record_bytes)
         except ProtocolError as e:
             unreadable.append(f"{k}: {e}")
             continue
         beat = _beat(hb)
-        fp_model[fp] = rec.model
         sources.append(Source(
             model=rec.model, fingerprint=fp, replica=rid, node=rec.node, ranks=len(rec.ranks),
             mode=",".join(sorted({x.mode for x in rec.ranks})) or "-", readers=int(readers or 0),
@@ -123,6 +137,10 @@ async def read_fleet(r: Any, prefix: str, model: str | None = None, max_record_b
             age_s=max(0.0, now - rec.published_at) if rec.published_at else None,
             heartbeat_s=max(0.0, now - beat[0]) if beat else None, live=bool(beat and now - beat[0] <= beat[1]),
             authenticated=auth))
+    return sources
+
+
+async def _leases(r: Any, keys_of: RedisKeys, fp_model: dict[str, str]) -> list[Lease]:
     leases: list[Lease] = []
     async for key in r.scan_iter(match=keys_of.every_seed(), count=500):
         k = key.decode()
@@ -135,6 +153,11 @@ async def read_fleet(r: Any, prefix: str, model: str | None = None, max_record_b
         if holder is not None:
             leases.append(Lease(seed_fp, fp_model.get(seed_fp, ""), holder.decode(errors="replace"),
                                 max(0, pttl) / 1000))
+    return leases
+
+
+def _by_model(sources: list[Source], leases: list[Lease], readers_by_fp: dict[str, int],
+              fp_model: dict[str, str]) -> list[ModelView]:
     views: dict[str, ModelView] = {}
 
     def view(name: str) -> ModelView:
@@ -155,9 +178,7 @@ async def read_fleet(r: Any, prefix: str, model: str | None = None, max_record_b
     models = sorted(views.values(), key=lambda m: m.model)
     for m in models:
         m.sources.sort(key=lambda s: (s.fingerprint, s.node, s.replica))
-    if model is not None:
-        models = [m for m in models if m.model == model]
-    return Fleet(redis_label, now, models, unreadable)
+    return models
 
 
 def _ago(seconds: float | None) -> str:
