@@ -70,13 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         redis = EmbeddedRedis().start()
         url = redis.url
         print(f"started embedded Redis at {url}")
-    # As deployed: a deployment key authenticates records, peer messages and engine commands (README: trust model).
-    key_env = {}
-    if not os.environ.get("MX_AUTH_KEY_FILE"):
-        key = work / "deployment.key"
-        key.write_bytes(secrets.token_bytes(32))
-        key.chmod(0o600)
-        key_env = {"MX_AUTH_KEY_FILE": str(key)}
+    key_env = _deployment_key_env(work)
     replicas: list[Replica] = []
     try:
         cold = disk_load_seconds(ckpt, 2, cold=True)
@@ -97,15 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         _, metrics = tgt.http("/metrics")
         moved = _metric(metrics, "mx_transfer_bytes_total", 'role="target"')
         seconds = _metric(metrics, "mx_transfer_duration_seconds_sum", 'role="target"')
-        identical = 0
-        differ = []
-        for r in range(src.tp):
-            a, b = src_res[r]["digests"], tgt_res[r]["digests"]
-            for name in a:
-                if a[name] == b.get(name):
-                    identical += 1
-                else:
-                    differ.append(f"rank{r}:{name}")
+        identical, differ = _compare(src_res, tgt_res, src.tp)
         outcomes = [tgt_res[r]["outcome"] for r in range(tgt.tp)]
         print(json.dumps({"checkpoint_bytes": ckpt_bytes, "target_outcomes": outcomes}))
         print(f"moved: {moved / 1e6:.1f} MB over NIXL in {seconds:.3f}s = {moved / 1e9 / max(seconds, 1e-9):.2f} GB/s")
@@ -124,6 +110,29 @@ def main(argv: list[str] | None = None) -> int:
         if redis is not None:
             redis.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _deployment_key_env(work: Path) -> dict[str, str]:
+    """As deployed: a deployment key authenticates records, peer messages and engine commands (README: trust model)."""
+    if os.environ.get("MX_AUTH_KEY_FILE"):
+        return {}
+    key = work / "deployment.key"
+    key.write_bytes(secrets.token_bytes(32))
+    key.chmod(0o600)
+    return {"MX_AUTH_KEY_FILE": str(key)}
+
+
+def _compare(src_res: dict[int, dict], tgt_res: dict[int, dict], tp: int) -> tuple[int, list[str]]:
+    """(tensors whose digests match, names of those that differ) between the source's and the target's engine."""
+    identical, differ = 0, []
+    for r in range(tp):
+        a, b = src_res[r]["digests"], tgt_res[r]["digests"]
+        for name in a:
+            if a[name] == b.get(name):
+                identical += 1
+            else:
+                differ.append(f"rank{r}:{name}")
+    return identical, differ
 
 
 def _metric(text: str, name: str, label: str) -> float:
