@@ -6,9 +6,9 @@ import argparse
 import asyncio
 import sys
 
-from sidecar.config import Config, ConfigError, markdown_table
+from sidecar.config import Config
 from sidecar.logs import setup_logging
-from sidecar.redis_client import redact_url
+from sidecar.settings import ConfigError, markdown_table, redact_url
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,8 +15,9 @@ from sidecar.contract.auth import Keyring
 from sidecar.coordinator import Coordinator
 from sidecar.engine import EngineRanks
 from sidecar.failpoints import Failpoints
+from sidecar.http_server import HttpServer
 from sidecar.logs import Ctx
-from sidecar.metrics import HttpServer, Metrics
+from sidecar.metrics import Metrics
 from sidecar.peers import PeerRouter
 from sidecar.redis_client import connect as connect_redis
 from sidecar.source.publisher import Publisher

@@ -21,7 +21,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from sidecar.contract.auth import AuthError, Keyring
-from sidecar.contract.messages import ProtocolError, SourceRecord, decode_record, decode_sealed, encode
+from sidecar.contract.codec import ProtocolError, decode, encode
+from sidecar.contract.messages import Sealed, SourceRecord
 from sidecar.errors import CoordinatorUnavailable
 from sidecar.redis_client import describe_error
 from sidecar.redis_keys import RedisKeys
@@ -90,7 +91,7 @@ def _count(value: object) -> int:
 
 def open_record(keys: Keyring, key: str, blob: bytes, max_bytes: int) -> SourceRecord:
     """A source record from its Redis value: seal checked first (AuthError), then decoded (ProtocolError)."""
-    return decode_record(keys.unseal("record", key, blob, max_bytes), max_bytes)
+    return decode(SourceRecord, keys.unseal("record", key, blob, max_bytes), max_bytes)
 
 
 class Coordinator:
@@ -257,7 +258,7 @@ class Coordinator:
             if hb is None or blob is None or not _fresh(hb, now) or len(blob) > self._max_record:
                 continue
             try:
-                if _head_decoder.decode(decode_sealed(blob, self._max_record).body).model != model:
+                if _head_decoder.decode(decode(Sealed, blob, self._max_record).body).model != model:
                     continue
             except (msgspec.DecodeError, ProtocolError) as e:
                 log.warning("ignoring source %s: %s", rid, e)

@@ -96,7 +96,7 @@ class Daemon:
         # metadata that lists registered memory can WRITE it (docs/SECURITY-NIXL.md).
         await p.agents.put_all(p.coord)
         ranks = await p.agents.import_ranks(manifests, p.publisher.ranks, p.engine.model, p.metrics, self.log)
-        p.publisher.ranks = ranks  # TODO(lead): publisher.adopt once source/ lands
+        p.publisher.adopt(ranks)
         try:
             for cand in candidates[: p.cfg.max_source_attempts]:
                 received = await p.receiver.receive_from(cand, ranks)  # returns only with no READ in flight

@@ -14,7 +14,8 @@ from typing import Any
 
 from sidecar.config import Config
 from sidecar.contract.auth import AuthError, Keyring
-from sidecar.contract.messages import ProtocolError, SourceRecord, decode_record, decode_sealed
+from sidecar.contract.codec import ProtocolError, decode
+from sidecar.contract.messages import Sealed, SourceRecord
 from sidecar.coordinator import open_record
 from sidecar.redis_keys import RedisKeys
 
@@ -26,7 +27,7 @@ def _open(keys: Keyring, key: str, blob: bytes, max_bytes: int) -> tuple[SourceR
         rec = open_record(keys, key, blob, max_bytes)
         return rec, "yes" if keys.enabled else "NO KEY"
     except AuthError as e:
-        return decode_record(decode_sealed(blob, max_bytes).body, max_bytes), f"REFUSED ({e.reason})"
+        return decode(SourceRecord, decode(Sealed, blob, max_bytes).body, max_bytes), f"REFUSED ({e.reason})"
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ import zmq
 import zmq.asyncio
 
 from sidecar.contract.auth import Keyring
-from sidecar.contract.messages import PROTOCOL_VERSION, Op, ProtocolError, Reply, Request, decode_reply, encode
+from sidecar.contract.codec import PROTOCOL_VERSION, ProtocolError, decode, encode
+from sidecar.contract.messages import Op, Reply, Request
 from sidecar.errors import EngineError
 
 log = logging.getLogger("mx.link")
@@ -65,7 +66,7 @@ class EngineLink:
         while True:
             data = await self._sock.recv()
             try:
-                reply = decode_reply(data, self._max)
+                reply = decode(Reply, data, self._max)
             except ProtocolError as e:
                 # Not attributable to a request: fail them all rather than guess.
                 for fut in self._waiting.values():

@@ -1,4 +1,4 @@
-"""Prometheus metrics and the HTTP endpoints /metrics, /healthz, /readyz.
+"""Prometheus metrics (served with /healthz and /readyz by sidecar/http_server.py).
 
 Each daemon owns its registry (no process-global state, so tests can run several). Labels stay
 bounded: model, rank, role, result, phase; never a process id or a peer name. Names follow Prometheus'
@@ -8,13 +8,7 @@ the alerts and the dashboard in deploy/monitoring/ use exactly these names.
 
 from __future__ import annotations
 
-import asyncio
-import logging
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
-
-log = logging.getLogger("mx.metrics")
 
 ROLES = ("unknown", "source", "target", "serving", "withdrawn")
 
@@ -73,48 +67,3 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-
-class HttpServer:
-    """Just enough HTTP/1.1 for Prometheus and kubelet probes, on the daemon's event loop."""
-
-    def __init__(self, metrics: Metrics, host: str, port: int) -> None:
-        self._m = metrics
-        self._host, self._port = host, port
-        self._server: asyncio.Server | None = None
-        self.port = 0
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self._host, self._port)
-        self.port = self._server.sockets[0].getsockname()[1]
-        log.info("metrics on http://%s:%d/metrics", self._host, self.port)
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            line = await asyncio.wait_for(reader.readline(), 5)
-            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
-                pass
-            parts = line.decode("latin-1").split()
-            path = parts[1].split("?")[0] if len(parts) >= 2 else ""
-            if path == "/metrics":
-                status, ctype, body = 200, CONTENT_TYPE_LATEST, self._m.render()
-            elif path == "/healthz":
-                ok = self._m.healthy
-                status, ctype, body = (200 if ok else 503), "text/plain", (b"ok\n" if ok else b"unhealthy\n")
-            elif path == "/readyz":
-                ok = self._m.ready
-                status, ctype, body = (200 if ok else 503), "text/plain", (b"ready\n" if ok else b"not ready\n")
-            else:
-                status, ctype, body = 404, "text/plain", b"not found\n"
-            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
-            writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-                         f"Connection: close\r\n\r\n".encode() + body)
-            await writer.drain()
-        except (TimeoutError, ConnectionError, UnicodeDecodeError) as e:
-            log.debug("http: %s", e)
-        finally:
-            writer.close()
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()

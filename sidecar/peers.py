@@ -7,7 +7,8 @@ import logging
 from collections.abc import Callable
 
 from sidecar.contract.auth import AuthError, Keyring
-from sidecar.contract.messages import Bye, Done, Hello, PeerMsg, ProtocolError, Ready, Welcome, decode_peer
+from sidecar.contract.codec import ProtocolError, decode
+from sidecar.contract.messages import Bye, Done, Hello, PeerMsg, Ready, Welcome
 
 log = logging.getLogger("mx.peers")
 
@@ -33,7 +34,7 @@ class PeerRouter:
 
     def __call__(self, peer: str, data: bytes) -> None:
         try:
-            msg: PeerMsg = decode_peer(data)
+            msg: PeerMsg = decode(PeerMsg, data)
         except ProtocolError as e:
             log.warning("rejected notification from %s: %s", peer, e)
             self._on_bad(str(e))

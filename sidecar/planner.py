@@ -79,6 +79,63 @@ def chunk_plan(entries: list[TensorEntry], chunk_bytes: int, max_chunks: int = M
     return chunks
 
 
+@dataclass(frozen=True)
+class Plan:
+    """Every READ of one rank, computed and bounds-checked before the first is posted.
+
+    Chunk k's descriptors are rows `starts[k]:starts[k+1]` of `local` and `remote` (NIXL Nx3 addr, len, dev).
+    Staged plans hold slot offsets in `remote` (slot base 0): the source names the slot of each chunk at run
+    time, and a slot offset plus length was checked to fit the slot.
+    """
+
+    chunks: tuple[Chunk, ...]
+    local: np.ndarray
+    remote: np.ndarray
+    starts: tuple[int, ...]
+    staged: bool
+
+    def descriptors(self, k: int, slot_addr: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        a, b = self.starts[k], self.starts[k + 1]
+        remote = self.remote[a:b]
+        if self.staged:
+            remote = remote.copy()
+            remote[:, 0] += np.uint64(slot_addr)
+        return self.local[a:b], remote
+
+
+def make_plan(
+    entries: list[TensorEntry],
+    local_addrs: list[int],
+    local_dev: int,
+    remote_addrs: list[int] | None,
+    remote_dev: int,
+    chunk_bytes: int,
+    max_chunks: int = MAX_CHUNKS_PER_RANK,
+) -> Plan:
+    """The whole plan: chunks of at most `chunk_bytes`, and every piece's local and remote range.
+
+    `remote_addrs` are the source's per-entry addresses (direct) or None (staged: pieces sit at slot offsets
+    within one slot of `chunk_bytes`). Raises PlanError for any piece outside its entry or slot."""
+    chunks = chunk_plan(entries, chunk_bytes, max_chunks)
+    if len(local_addrs) != len(entries) or (remote_addrs is not None and len(remote_addrs) != len(entries)):
+        raise PlanError("one address per entry expected")
+    local: list[tuple[int, int, int]] = []
+    remote: list[tuple[int, int, int]] = []
+    starts = [0]
+    for c in chunks:
+        for p in c.pieces:
+            if p.nbytes <= 0 or p.entry_offset < 0 or p.entry_offset + p.nbytes > entries[p.entry].nbytes:
+                raise PlanError(f"chunk {c.index} steps outside entry {entries[p.entry].name!r}")
+            if p.slot_offset < 0 or p.slot_offset + p.nbytes > chunk_bytes:
+                raise PlanError(f"chunk {c.index} steps outside its slot")
+            local.append((local_addrs[p.entry] + p.entry_offset, p.nbytes, local_dev))
+            base = p.slot_offset if remote_addrs is None else remote_addrs[p.entry] + p.entry_offset
+            remote.append((base, p.nbytes, remote_dev))
+        starts.append(len(local))
+    return Plan(tuple(chunks), np.array(local, dtype=np.uint64).reshape(-1, 3),
+                np.array(remote, dtype=np.uint64).reshape(-1, 3), tuple(starts), remote_addrs is None)
+
+
 def check_compatible(source: Manifest, target: Manifest) -> None:
     """Refuse a copy unless both sides describe the same logical tensors, rank for rank."""
     validate_manifest(target)

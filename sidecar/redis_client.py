@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import re
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import urlsplit
+
+from sidecar.settings import ConfigError, redact_url
 
 if TYPE_CHECKING:
     import redis.asyncio
@@ -16,27 +18,12 @@ if TYPE_CHECKING:
     from sidecar.config import Config
 
 TIMEOUT_S = 5.0
-_SECRET_QUERY = re.compile(r"pass|secret|token|key", re.IGNORECASE)
 _AUTH_FAILED = re.compile(r"WRONGPASS|NOAUTH|invalid username-password|authentication required|"
                           r"already authenticated", re.IGNORECASE)
 # Any URL with user info inside free text (an exception message, a log line): mask everything after the user.
 _URL_WITH_USERINFO = re.compile(r"(rediss?|unix)://([^\s:@/]*):[^\s@]*@")
 
-
-def redact_url(url: str) -> str:
-    """`redis://u:secret@h:6379/0?password=x` -> `redis://u:***@h:6379/0?password=***`. Never raises."""
-    try:
-        parts = urlsplit(url)
-        netloc = parts.netloc
-        if "@" in netloc:
-            userinfo, _, hostport = netloc.rpartition("@")
-            user, colon, _ = userinfo.partition(":")
-            netloc = f"{user}:***@{hostport}" if colon else f"{userinfo}@{hostport}"
-        query = urlencode([(k, "***" if _SECRET_QUERY.search(k) else v)
-                           for k, v in parse_qsl(parts.query, keep_blank_values=True)], safe="*")
-        return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
-    except Exception:  # a URL too broken to parse is shown as its scheme only
-        return url.split("://", 1)[0] + "://***" if "://" in url else "***"
+__all__ = ["client_options", "connect", "describe_error", "read_secret", "redact_url", "scrub"]
 
 
 def scrub(text: str) -> str:
@@ -60,8 +47,6 @@ def describe_error(e: BaseException) -> str:
 
 def read_secret(path: str) -> str:
     """A Kubernetes Secret file's content, without the trailing newline an `echo` adds."""
-    from sidecar.config import ConfigError
-
     try:
         with open(path, encoding="utf-8") as f:
             value = f.read().rstrip("\r\n")
@@ -92,8 +77,6 @@ def client_options(cfg: Config) -> dict[str, Any]:
 def connect(cfg: Config) -> redis.asyncio.Redis:
     """The client for MX_REDIS_URL with the AUTH/TLS settings. No I/O: the first command connects."""
     import redis.asyncio as aioredis
-
-    from sidecar.config import ConfigError
 
     opts = client_options(cfg)
     try:

@@ -21,13 +21,9 @@ import numpy as np
 from sidecar.errors import TransferError
 from sidecar.failpoints import Failpoints
 from sidecar.memory.regions import Region
+from sidecar.settings import UCX_ENV_DEFAULTS
 
 log = logging.getLogger("mx.transport")
-
-# UCX caches memory types per address range; an agent created before CUDA IPC handles were imported then
-# classified the imported VRAM as host memory and registration failed with NIXL_ERR_BACKEND (measured on
-# H100, five orderings, twice). Without the cache the order does not matter. An operator's value wins.
-os.environ.setdefault("UCX_MEMTYPE_CACHE", "n")
 
 # An idle source notices a reader's Hello after IDLE_POLL_S/2 on average: it was 20 ms, a third of the 75 ms of
 # session setup measured on the H200. One poll costs 0.7 us in NIXL (plus the loop's wake-up): 5 ms is noise.
@@ -51,6 +47,8 @@ class Transport:
 
     def __init__(self, name: str, mem_type: str, device_id: int) -> None:
         api = _nixl_api()
+        for k, v in UCX_ENV_DEFAULTS.items():  # read by UCX when the agent starts; an operator's value wins
+            os.environ.setdefault(k, v)
         t0 = time.monotonic()
         cfg = api.nixl_agent_config(enable_prog_thread=False, backends=["UCX"])
         self.agent = api.nixl_agent(name, cfg)

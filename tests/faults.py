@@ -76,14 +76,15 @@ class Lab:
             self.stop(r)
 
     def sources(self) -> list[str]:
-        from sidecar.contract.messages import decode_record, decode_sealed
+        from sidecar.contract.codec import decode
+        from sidecar.contract.messages import Sealed, SourceRecord
 
         r = redis.Redis.from_url(self.redis.url)
         out = []
         for k in r.scan_iter("mx:*:src:*"):
             blob = r.get(k)
             if blob:
-                out.append(decode_record(decode_sealed(blob).body).replica)
+                out.append(decode(SourceRecord, decode(Sealed, blob).body).replica)
         return out
 
 

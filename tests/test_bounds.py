@@ -11,6 +11,7 @@ import pytest
 
 from sidecar.config import Config, ConfigError
 from sidecar.contract.auth import Keyring
+from sidecar.contract.codec import decode
 from sidecar.contract.messages import (
     MAX_CHUNKS_PER_RANK,
     MAX_SLOTS,
@@ -21,7 +22,6 @@ from sidecar.contract.messages import (
     RankSource,
     SourceRecord,
     TensorEntry,
-    decode_record,
     encode,
 )
 from sidecar.coordinator import MAX_SOURCE_MEMBERS, Coordinator
@@ -47,13 +47,13 @@ def _record(slots: list[tuple[int, int]], entries: int = 1) -> SourceRecord:
 
 
 def test_a_record_whose_slots_are_too_small_or_too_many_is_refused():
-    decode_record(encode(_record([(1 << 20, MIN_SLOT_BYTES)])))
+    decode(SourceRecord, encode(_record([(1 << 20, MIN_SLOT_BYTES)])))
     with pytest.raises(ProtocolError, match=r">= 65536.*slots"):
-        decode_record(encode(_record([(1 << 20, MIN_SLOT_BYTES - 1)])))
+        decode(SourceRecord, encode(_record([(1 << 20, MIN_SLOT_BYTES - 1)])))
     with pytest.raises(ProtocolError, match=f"length <= {MAX_SLOTS}"):
-        decode_record(encode(_record([(1 << 20, MIN_SLOT_BYTES)] * (MAX_SLOTS + 1))))
+        decode(SourceRecord, encode(_record([(1 << 20, MIN_SLOT_BYTES)] * (MAX_SLOTS + 1))))
     with pytest.raises(ProtocolError, match=">= 0"):
-        decode_record(encode(_record([(-1, MIN_SLOT_BYTES)])))
+        decode(SourceRecord, encode(_record([(-1, MIN_SLOT_BYTES)])))
 
 
 def test_an_oversized_entry_list_is_refused_from_its_header_before_decoding_it():
@@ -61,7 +61,7 @@ def test_an_oversized_entry_list_is_refused_from_its_header_before_decoding_it()
     tracemalloc.start()
     t0 = time.perf_counter()
     with pytest.raises(ProtocolError, match=f"length <= {MAX_TENSORS}"):
-        decode_record(data)
+        decode(SourceRecord, data)
     elapsed = time.perf_counter() - t0
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()

@@ -8,11 +8,12 @@ import time
 
 import redis
 
-from sidecar.contract.messages import decode_record, decode_sealed
+from sidecar.contract.codec import decode
+from sidecar.contract.messages import Sealed, SourceRecord
 
 
 def _record(blob: bytes):  # type: ignore[no-untyped-def]
-    return decode_record(decode_sealed(blob).body)
+    return decode(SourceRecord, decode(Sealed, blob).body)
 
 
 def _sources(url: str, prefix: str = "mx") -> list[str]:
@@ -194,7 +195,7 @@ def test_garbage_on_the_engine_socket_and_nixl_channel_is_rejected_and_the_sourc
     import msgpack
     import zmq
 
-    from sidecar.contract.messages import decode_reply
+    from sidecar.contract.messages import Reply
     from sidecar.transport import Transport
 
     a = replicas("a")
@@ -210,14 +211,14 @@ def test_garbage_on_the_engine_socket_and_nixl_channel_is_rejected_and_the_sourc
                   msgpack.packb({"v": 1, "id": 1, "op": "ping", "z": 1}))
     for bad in bad_frames:
         s.send(bad)
-        reply = decode_reply(s.recv())
+        reply = decode(Reply, s.recv())
         assert not reply.ok and reply.error
     s.close()
     # 2. The sidecar's NIXL notification channel: a real agent sends garbage and a forged Hello.
     r = redis.Redis.from_url(redis_server.url)
     rec = _record(r.get(next(iter(r.scan_iter("mx:*:src:*")))))
     intruder = Transport("intruder", "DRAM", 0)
-    peer = intruder.add_peer(decode_sealed(r.get(f"mx:agent:{rec.ranks[0].agent}")).body, rec.ranks[0].agent)
+    peer = intruder.add_peer(decode(Sealed, r.get(f"mx:agent:{rec.ranks[0].agent}")).body, rec.ranks[0].agent)
     intruder.send(peer, b"\x00not msgpack")
     intruder.send(peer, msgpack.packb({"type": "hello", "v": 2, "session": "s", "rank": 0, "reader": "nobody",
                                        "layout_digest": "x", "ts": time.time()}))
@@ -275,8 +276,8 @@ def _tamper_record(url: str, edit) -> None:  # type: ignore[no-untyped-def]
 
     r = redis.Redis.from_url(url)
     key = next(iter(r.scan_iter("mx:*:src:*")))
-    sealed = decode_sealed(r.get(key))
-    rec = decode_record(sealed.body)
+    sealed = decode(Sealed, r.get(key))
+    rec = decode(SourceRecord, sealed.body)
     ranks = [edit(rank) for rank in rec.ranks]
     body = encode(msgspec.structs.replace(rec, ranks=ranks))  # the MAC stays the old one: valid only without a key
     r.set(key, encode(msgspec.structs.replace(sealed, body=body)), keepttl=True)
@@ -324,7 +325,7 @@ def test_a_checksum_mismatch_keeps_the_engine_blocked_and_falls_back_to_storage(
 def test_a_target_sidecar_stopped_mid_receive_voids_the_bytes_and_the_engine_waits_again(replicas):
     import zmq
 
-    from sidecar.contract.messages import PROTOCOL_VERSION, Request, decode_reply, encode
+    from sidecar.contract.messages import PROTOCOL_VERSION, Reply, Request, encode
 
     a = replicas("a", extra_env={"MX_HEARTBEAT_INTERVAL": "5", "MX_SOURCE_TTL": "30"})
     a.engine_results()
@@ -340,7 +341,7 @@ def test_a_target_sidecar_stopped_mid_receive_voids_the_bytes_and_the_engine_wai
         s.setsockopt(zmq.LINGER, 0)
         s.connect(b.address.replace(".sock", "-0.sock"))
         s.send(encode(Request(PROTOCOL_VERSION, 1, "ping", "test")))
-        reply = decode_reply(s.recv())
+        reply = decode(Reply, s.recv())
         s.close()
         assert reply.state == "waiting", "the half-received bytes must be void, the engine blocked"
     finally:

@@ -18,16 +18,16 @@ import zmq
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from runtime_hooks.base import HookError, RankHook
 from runtime_hooks.exposure import ModelIdentity
+from runtime_hooks.hook import HookError, RankHook
 from sidecar.config import Config
+from sidecar.contract.codec import decode
 from sidecar.contract.messages import (
     OPS,
     PROTOCOL_VERSION,
     ProtocolError,
+    Reply,
     Request,
-    decode_reply,
-    decode_request,
     encode,
 )
 from tests.fuzz_support import MAX_FRAME, budget, deep, huge_lengths, values
@@ -92,14 +92,14 @@ class Harness:
 
     def ping(self) -> None:
         self.next_id += 1
-        r = decode_reply(self.ask([encode(Request(PROTOCOL_VERSION, self.next_id, "ping"))]))
+        r = decode(Reply, self.ask([encode(Request(PROTOCOL_VERSION, self.next_id, "ping"))]))
         assert r.ok and r.id == self.next_id and r.state == "waiting", r
 
     def healthy(self) -> None:
         self.ping()
         assert self.adapter.calls == [], f"garbage ran engine commands: {self.adapter.calls}"
         assert self.hook.state == "waiting" and not self.outcome
-        assert self.hook._thread.is_alive() and self.engine.is_alive()
+        assert self.hook._server.thread.is_alive() and self.engine.is_alive()
         assert self.hook._commands.empty()
 
 
@@ -172,7 +172,7 @@ garbage = st.one_of(request_like(), truncated(), huge_lengths(), deep(), mutated
 def _engine_changing(frame: bytes) -> bool:
     """Whether a frame happens to be a well-formed engine-changing request (skipped: not garbage)."""
     try:
-        return decode_request(frame, MAX_MESSAGE).op in ENGINE_OPS
+        return decode(Request, frame, MAX_MESSAGE).op in ENGINE_OPS
     except ProtocolError:
         return False
 
@@ -189,9 +189,9 @@ def _engine_changing(frame: bytes) -> bool:
 def test_any_single_frame_gets_an_answer_and_changes_nothing(harness, frame):
     if _engine_changing(frame):
         return  # a well-formed command is not garbage (astronomically rare from these strategies)
-    reply = decode_reply(harness.ask([frame]))
+    reply = decode(Reply, harness.ask([frame]))
     try:
-        req = decode_request(frame, MAX_MESSAGE)
+        req = decode(Request, frame, MAX_MESSAGE)
     except ProtocolError:
         assert not reply.ok and reply.error and reply.id == 0
     else:  # a well-formed ping/describe
@@ -206,7 +206,7 @@ valid_requests = st.builds(lambda i, op: encode(Request(PROTOCOL_VERSION, i, op)
 @budget(500)
 @given(frames=st.lists(st.one_of(garbage, valid_requests), min_size=2, max_size=4))
 def test_multi_frame_messages_are_refused_even_when_a_frame_is_a_valid_engine_command(harness, frames):
-    reply = decode_reply(harness.ask(frames))
+    reply = decode(Reply, harness.ask(frames))
     assert not reply.ok and "one frame" in reply.error
     harness.healthy()
 

@@ -1,5 +1,5 @@
-"""Property-based fuzzing of the NIXL notification channel: `decode_peer` and the `PeerRouter` in front of a real
-`SourceServer`, with generated garbage and well-formed but unexpected messages (foreign sessions, wrong peers,
+"""Property-based fuzzing of the NIXL notification channel: `decode(PeerMsg, ...)` and the `PeerRouter` in front of a
+real `SourceServer`, with generated garbage and well-formed but unexpected messages (foreign sessions, wrong peers,
 Hello for ranks this replica does not serve, Done/Bye without a session, oversized frames).
 
 Whatever arrives, nothing escapes the router (an exception there would kill the NIXL notification pump), every
@@ -21,19 +21,8 @@ from hypothesis import strategies as st
 
 from sidecar.config import Config
 from sidecar.contract.auth import Keyring
-from sidecar.contract.messages import (
-    MAX_PEER_MESSAGE_BYTES,
-    PROTOCOL_VERSION,
-    Bye,
-    Done,
-    Hello,
-    PeerMsg,
-    ProtocolError,
-    Ready,
-    Welcome,
-    decode_peer,
-    encode,
-)
+from sidecar.contract.codec import MAX_PEER_MESSAGE_BYTES, PROTOCOL_VERSION, ProtocolError, decode, encode
+from sidecar.contract.messages import Bye, Done, Hello, PeerMsg, Ready, Welcome
 from sidecar.metrics import Metrics
 from sidecar.peers import PeerRouter
 from sidecar.source.server import SourceServer
@@ -92,12 +81,12 @@ any_notification = st.one_of(garbage, well_formed.map(encode))
 @example(data=b"\x82\xa4type\xa3bye\xa1x" + b"\x91" * 60_000 + b"\xc0")  # nesting past the recursion limit
 def test_decode_peer_returns_a_message_or_raises_protocol_error_only(data):
     try:
-        msg = decode_peer(data)
+        msg = decode(PeerMsg, data)
     except ProtocolError:
         return
     assert isinstance(msg, Hello | Welcome | Ready | Done | Bye)
     assert len(data) <= MAX_PEER_MESSAGE_BYTES and msg.v == PROTOCOL_VERSION
-    assert decode_peer(encode(msg)) == msg
+    assert decode(PeerMsg, encode(msg)) == msg
 
 
 @budget(1000)
@@ -105,9 +94,9 @@ def test_decode_peer_returns_a_message_or_raises_protocol_error_only(data):
 def test_well_formed_peer_messages_round_trip(msg):
     if not msg.session or len(msg.session) > 64:  # every peer message is bound to a session id
         with pytest.raises(ProtocolError, match="session"):
-            decode_peer(encode(msg))
+            decode(PeerMsg, encode(msg))
         return
-    assert decode_peer(encode(msg)) == msg
+    assert decode(PeerMsg, encode(msg)) == msg
 
 
 class Channel:
@@ -151,7 +140,7 @@ def test_the_router_never_raises_counts_garbage_and_delivers_only_to_the_right_s
     expected: dict[str, list[PeerMsg]] = {"s-1": [], "s-2": []}
     for peer, data in batch:
         try:
-            msg = decode_peer(data)
+            msg = decode(PeerMsg, data)
         except ProtocolError:
             undecodable += 1
             continue
@@ -228,7 +217,7 @@ def test_garbage_sent_through_real_nixl_is_counted_and_the_notification_pump_sur
     undecodable = 0
     for data in batch:
         try:
-            decode_peer(data)
+            decode(PeerMsg, data)
         except ProtocolError:
             undecodable += 1
         ch.intruder.send(ch.peer, data)

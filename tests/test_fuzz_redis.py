@@ -19,13 +19,13 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from sidecar.contract.codec import decode
 from sidecar.contract.messages import (
     PROTOCOL_VERSION,
     ProtocolError,
     RankSource,
     SourceRecord,
     TensorEntry,
-    decode_record,
     encode,
 )
 from sidecar.coordinator import MAX_SOURCE_MEMBERS, Coordinator
@@ -193,7 +193,7 @@ def test_garbage_in_any_redis_key_is_refused_or_filtered_never_a_crash(rig, stat
         assert len(cands) <= MAX_SOURCE_MEMBERS
         for c in cands:
             assert c.record.fingerprint == FP and c.record.replica != "me" and c.readers >= 0
-            assert decode_record(encode(c.record)) == c.record
+            assert decode(SourceRecord, encode(c.record)) == c.record
             hb = rig.admin.get(f"{P}:{FP}:hb:{c.record.replica}")
             ts, ttl = (float(x) for x in hb.split())
             assert math.isfinite(ts) and 0 < ttl < math.inf and time.time() - ts <= ttl

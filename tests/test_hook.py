@@ -8,11 +8,12 @@ import pytest
 import torch
 import zmq
 
-from runtime_hooks.base import HookError, RankHook
 from runtime_hooks.engines.torch_module import TorchModuleAdapter
 from runtime_hooks.exposure import ModelIdentity
+from runtime_hooks.hook import HookError, RankHook
 from sidecar.config import Config
-from sidecar.contract.messages import PROTOCOL_VERSION, Request, decode_reply, encode
+from sidecar.contract.codec import decode
+from sidecar.contract.messages import PROTOCOL_VERSION, Reply, Request, encode
 from sidecar.memory.regions import ShmRegion
 
 
@@ -38,7 +39,7 @@ def _client(addr):
 
 def _ask(s, data):
     s.send(data)
-    return decode_reply(s.recv())
+    return decode(Reply, s.recv())
 
 
 def test_malformed_oversized_and_wrong_version_messages_get_an_error_and_the_hook_keeps_serving(hook):

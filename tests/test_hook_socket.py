@@ -12,11 +12,12 @@ import pytest
 import torch
 import zmq
 
-from runtime_hooks.base import HookError, RankHook
 from runtime_hooks.engines.torch_module import TorchModuleAdapter
 from runtime_hooks.exposure import ModelIdentity
+from runtime_hooks.hook import HookError, RankHook
 from sidecar.config import Config, ConfigError
-from sidecar.contract.messages import PROTOCOL_VERSION, Request, decode_reply, encode
+from sidecar.contract.codec import decode
+from sidecar.contract.messages import PROTOCOL_VERSION, Reply, Request, encode
 
 NOBODY = 65534
 
@@ -34,7 +35,7 @@ def _ping(address: str) -> str:
     s.connect(address)
     try:
         s.send(encode(Request(PROTOCOL_VERSION, 7, "ping")))
-        return decode_reply(s.recv()).state
+        return decode(Reply, s.recv()).state
     finally:
         s.close()
 

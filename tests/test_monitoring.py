@@ -169,3 +169,91 @@ def test_prometheus_rule_resource_and_dashboard_cover_the_issue_list():
     assert {"Throughput of the last receive", "Time to ready", "Transfers by result", "Live sources",
             "Fallbacks to storage (30 min)", "Redis errors (10 min)"} <= titles
     assert Path(ROOT / "docs" / "dashboard.png").exists(), "docs/dashboard.png: run `make dashboard-png`"
+
+
+# ---------------------------------------------------------------------------- the HTTP server, through real sockets
+async def _served(monkeypatch: pytest.MonkeyPatch, **bounds: float) -> Any:
+    from sidecar.http_server import HttpServer, _BoundedProtocol
+    from sidecar.metrics import Metrics
+
+    for name, value in bounds.items():
+        monkeypatch.setattr(_BoundedProtocol, name, value)
+    srv = HttpServer(Metrics(), "127.0.0.1", 0)
+    await srv.start()
+    return srv
+
+
+async def _get(port: int, request: bytes) -> bytes:
+    import asyncio
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    try:
+        return await asyncio.wait_for(reader.read(), 30)
+    finally:
+        writer.close()
+
+
+async def test_the_endpoints_answer_as_before(monkeypatch):
+    srv = await _served(monkeypatch)
+    try:
+        get = [f"GET {p} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+               for p in ("/healthz", "/readyz", "/metrics?x=1", "/nope")]
+        health, ready, metrics, missing = [await _get(srv.port, g) for g in get]
+        assert health.startswith(b"HTTP/1.1 200 ") and health.endswith(b"\r\n\r\nok\n")
+        assert ready.startswith(b"HTTP/1.1 503 ") and ready.endswith(b"\r\n\r\nnot ready\n")
+        assert metrics.startswith(b"HTTP/1.1 200 ") and b"text/plain; version=" in metrics
+        assert b"mx_transfer_duration_seconds" in metrics
+        assert missing.startswith(b"HTTP/1.1 404 ")
+        big = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (12 << 10) + b"\r\n\r\n"
+        too_long = await _get(srv.port, big)
+        assert too_long.startswith(b"HTTP/1.1 400 ")
+    finally:
+        await srv.close()
+
+
+async def test_connections_over_the_cap_are_answered_503_and_the_rest_still_served(monkeypatch):
+    import asyncio
+
+    srv = await _served(monkeypatch, max_connections=3)
+    try:
+        idle = [await asyncio.open_connection("127.0.0.1", srv.port) for _ in range(3)]
+        refused = await _get(srv.port, b"")  # sends nothing: the answer comes at once
+        assert refused.startswith(b"HTTP/1.1 503 ")
+        idle[0][1].close()
+        await asyncio.sleep(0.5)
+        served = await _get(srv.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert served.startswith(b"HTTP/1.1 200 ")
+        for _, w in idle[1:]:
+            w.close()
+    finally:
+        await srv.close()
+
+
+async def test_a_client_that_trickles_half_a_header_is_dropped_after_the_deadline(monkeypatch):
+    import asyncio
+
+    srv = await _served(monkeypatch, deadline_s=1.0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        t0 = time.monotonic()
+        for b in b"GET /healthz HTTP/1.1\r\nHost: x\r\n":  # a byte every 0.1 s: each resets a naive read timeout
+            if writer.is_closing() or reader.at_eof():
+                break
+            try:
+                writer.write(bytes([b]))
+                await writer.drain()
+            except ConnectionError:
+                break
+            await asyncio.sleep(0.1)
+        assert await asyncio.wait_for(reader.read(), 30) == b""  # closed without an answer
+        assert time.monotonic() - t0 < 20
+        writer.close()
+        # a kept-alive connection gets the same deadline for its next request
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await asyncio.wait_for(reader.readuntil(b"ok\n"), 30)).startswith(b"HTTP/1.1 200 ")
+        assert await asyncio.wait_for(reader.read(), 30) == b""
+        writer.close()
+    finally:
+        await srv.close()

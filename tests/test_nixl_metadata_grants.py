@@ -84,7 +84,8 @@ def test_a_metadata_holder_overwrites_a_direct_sources_engine_memory_but_a_stage
     import numpy as np
     import redis
 
-    from sidecar.contract.messages import decode_record, decode_sealed
+    from sidecar.contract.codec import decode
+    from sidecar.contract.messages import Sealed, SourceRecord
     from sidecar.transport import Transport
     from tests.test_end_to_end import _assert_fell_back_to_storage
 
@@ -95,9 +96,9 @@ def test_a_metadata_holder_overwrites_a_direct_sources_engine_memory_but_a_stage
     a.wait_serving()
     handles = int(re.search(r"of (\d+) handles", "\n".join(a.sidecar.lines)).group(1))
     r = redis.Redis.from_url(redis_server.url)
-    rec = decode_record(decode_sealed(r.get(next(iter(r.scan_iter("mx:*:src:*"))))).body)
+    rec = decode(SourceRecord, decode(Sealed, r.get(next(iter(r.scan_iter("mx:*:src:*"))))).body)
     agent = rec.ranks[0].agent
-    md = decode_sealed(r.get(f"mx:agent:{agent}")).body
+    md = decode(Sealed, r.get(f"mx:agent:{agent}")).body
     slots = {tuple(s) for rank in rec.ranks for s in rank.slots}
     engine = [s for s in _registered_sections(md) if s not in slots]
     assert all(rank.mode == mode for rank in rec.ranks)

@@ -58,13 +58,15 @@ def test_the_engine_side_install_needs_only_the_hooks_dependencies():
     base = {canonicalize_name(Requirement(r).name) for r in PYPROJECT["dependencies"]}
     assert base == {"msgspec", "pyzmq", "numpy", "safetensors"}
     extra = {canonicalize_name(Requirement(r).name) for r in PYPROJECT["optional-dependencies"]["sidecar"]}
-    assert extra == {"redis", "uvloop", "prometheus-client", "xxhash", "cryptography"}
+    assert extra == {"redis", "uvloop", "prometheus-client", "xxhash", "cryptography", "uvicorn"}
 
 
 def test_the_hook_imports_without_the_sidecars_packages_and_the_daemon_says_what_to_install():
     code = BLOCKER + (
-        "import runtime_hooks.base, runtime_hooks.engines.torch_module, runtime_hooks.exposure\n"
-        "import runtime_hooks.engines.vllm.plugin\n"
+        "import runtime_hooks.adapter, runtime_hooks.hook, runtime_hooks.engines.torch_module, runtime_hooks.exposure\n"
+        "import runtime_hooks.discovery, runtime_hooks.identity\n"
+        "import runtime_hooks.engines.vllm.plugin, runtime_hooks.engines.vllm.adapter\n"
+        "import runtime_hooks.files.buffers, runtime_hooks.files.errors, runtime_hooks.files.publisher\n"
         "import sidecar.contract.messages, sidecar.config\n"
         "try:\n    import redis\nexcept ImportError:\n    print('blocked ok')\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

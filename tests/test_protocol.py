@@ -2,20 +2,18 @@ import msgpack
 import msgspec
 import pytest
 
+from sidecar.contract.codec import decode
 from sidecar.contract.messages import (
     PROTOCOL_VERSION,
     Hello,
     Manifest,
+    PeerMsg,
     ProtocolError,
     Reply,
     Request,
     ShmHandle,
     SourceRecord,
     TensorEntry,
-    decode_peer,
-    decode_record,
-    decode_reply,
-    decode_request,
     encode,
     layout_digest,
     validate_manifest,
@@ -33,7 +31,7 @@ def _manifest(**kw):
 def test_request_round_trips_as_plain_msgpack():
     data = encode(Request(PROTOCOL_VERSION, 7, "describe"))
     assert msgpack.unpackb(data) == {"v": PROTOCOL_VERSION, "id": 7, "op": "describe", "session": "", "mac": b""}
-    assert decode_request(data).op == "describe"
+    assert decode(Request, data).op == "describe"
 
 
 @pytest.mark.parametrize("data,match", [
@@ -45,19 +43,19 @@ def test_request_round_trips_as_plain_msgpack():
 ])
 def test_malformed_and_wrong_version_requests_are_rejected_with_a_reason(data, match):
     with pytest.raises(ProtocolError, match=match):
-        decode_request(data)
+        decode(Request, data)
 
 
 def test_oversized_messages_are_rejected_before_decoding():
     with pytest.raises(ProtocolError, match="exceeds"):
-        decode_request(b"\x00" * 1025, max_bytes=1024)
+        decode(Request, b"\x00" * 1025, max_bytes=1024)
 
 
 def test_pickle_is_never_accepted():
     import pickle
 
     with pytest.raises(ProtocolError):
-        decode_request(pickle.dumps({"v": 1, "id": 1, "op": "ping"}))
+        decode(Request, pickle.dumps({"v": 1, "id": 1, "op": "ping"}))
 
 
 def test_a_manifest_whose_tensor_lies_outside_its_handle_is_rejected():
@@ -79,16 +77,16 @@ def test_a_manifest_whose_digest_does_not_match_its_tensors_is_rejected():
 def test_replies_with_invalid_manifests_are_rejected_on_decode():
     m = _manifest(entries=[TensorEntry("a", "float32", [8], 0, 0, 32)])
     with pytest.raises(ProtocolError):
-        decode_reply(encode(Reply(PROTOCOL_VERSION, 1, True, "ready", "", m)))
+        decode(Reply, encode(Reply(PROTOCOL_VERSION, 1, True, "ready", "", m)))
 
 
 def test_peer_messages_are_tagged_and_bounded():
     h = Hello(PROTOCOL_VERSION, "s", 0, "agent", "d")
-    assert decode_peer(encode(h)) == h
+    assert decode(PeerMsg, encode(h)) == h
     with pytest.raises(ProtocolError):
-        decode_peer(msgpack.packb({"type": "hello", "v": 1}))
+        decode(PeerMsg, msgpack.packb({"type": "hello", "v": 1}))
     with pytest.raises(ProtocolError, match="exceeds"):
-        decode_peer(b"\x00" * (1 << 17))
+        decode(PeerMsg, b"\x00" * (1 << 17))
 
 
 def test_source_records_with_inconsistent_rank_data_are_rejected():
@@ -97,8 +95,8 @@ def test_source_records_with_inconsistent_rank_data_are_rejected():
     e = [TensorEntry("a", "float32", [4], 0, 0, 16)]
     rec = SourceRecord(PROTOCOL_VERSION, "r", "n", "m", "fp", [RankSource(0, "ag", "DRAM", 0, "direct", e, [], [], [])])
     with pytest.raises(ProtocolError, match="address per entry"):
-        decode_record(encode(rec))
+        decode(SourceRecord, encode(rec))
     staged = RankSource(0, "ag", "DRAM", 0, "staged", e, [], [], [])
     rec2 = SourceRecord(PROTOCOL_VERSION, "r", "n", "m", "fp", [staged])
     with pytest.raises(ProtocolError, match="without slots"):
-        decode_record(encode(rec2))
+        decode(SourceRecord, encode(rec2))

@@ -16,7 +16,8 @@ import pytest
 import redis
 
 from sidecar.contract.auth import AuthError, Keyring
-from sidecar.contract.messages import PROTOCOL_VERSION, Hello, decode_record, decode_sealed, encode
+from sidecar.contract.codec import decode
+from sidecar.contract.messages import PROTOCOL_VERSION, Hello, Sealed, SourceRecord, encode
 from tests.test_end_to_end import _assert_fell_back_to_storage, _metric
 
 
@@ -32,7 +33,7 @@ def _rewrite(url: str, pattern: str, edit) -> None:  # type: ignore[no-untyped-d
     """A Redis writer without the key edits a sealed value's body (the old MAC stays)."""
     r = redis.Redis.from_url(url)
     key = next(iter(r.scan_iter(pattern)))
-    sealed = decode_sealed(r.get(key))
+    sealed = decode(Sealed, r.get(key))
     r.set(key, encode(msgspec.structs.replace(sealed, body=edit(sealed.body))), keepttl=True)
 
 
@@ -44,7 +45,7 @@ def test_swapped_tensor_addresses_and_checksums_in_a_record_are_refused_before_a
     a.wait_serving()
 
     def swap(body: bytes) -> bytes:
-        rec = decode_record(body)
+        rec = decode(SourceRecord, body)
         ranks = []
         for rank in rec.ranks:
             e = rank.entries
@@ -75,7 +76,7 @@ def test_a_foreign_agent_advertised_for_a_source_is_refused(replicas, redis_serv
     intruder = Transport("intruder-agent", "DRAM", 0)
     try:
         r = redis.Redis.from_url(redis_server.url)
-        rec = decode_record(decode_sealed(r.get(next(iter(r.scan_iter("mx:*:src:*"))))).body)
+        rec = decode(SourceRecord, decode(Sealed, r.get(next(iter(r.scan_iter("mx:*:src:*"))))).body)
         key = f"mx:agent:{rec.ranks[0].agent}"
         # Sealed with a key the intruder made up: the MAC is well-formed and wrong.
         r.set(key, Keyring(b"x" * 32).seal("agent", key, intruder.metadata()), keepttl=True)
@@ -92,7 +93,7 @@ def test_an_unsigned_peer_message_cannot_drive_a_source_and_it_keeps_serving(rep
     res_a = a.engine_results()
     a.wait_serving()
     r = redis.Redis.from_url(redis_server.url)
-    rec = decode_record(decode_sealed(r.get(next(iter(r.scan_iter("mx:*:src:*"))))).body)
+    rec = decode(SourceRecord, decode(Sealed, r.get(next(iter(r.scan_iter("mx:*:src:*"))))).body)
     # The intruder got the agent metadata somehow (a leak: it is encrypted in Redis): it can talk, not drive.
     key = f"mx:agent:{rec.ranks[0].agent}"
     meta = Keyring.from_file(keyed["MX_AUTH_KEY_FILE"]).unseal("agent", key, r.get(key), 1 << 24, secret=True)
@@ -174,8 +175,8 @@ def test_with_a_key_a_redis_reader_cannot_load_a_sidecars_nixl_metadata(replicas
     a.engine_results()
     a.wait_serving()
     r = redis.Redis.from_url(redis_server.url)
-    rec = decode_record(decode_sealed(r.get(next(iter(r.scan_iter("mx:*:src:*"))))).body)
-    body = decode_sealed(r.get(f"mx:agent:{rec.ranks[0].agent}")).body
+    rec = decode(SourceRecord, decode(Sealed, r.get(next(iter(r.scan_iter("mx:*:src:*"))))).body)
+    body = decode(Sealed, r.get(f"mx:agent:{rec.ranks[0].agent}")).body
     assert rec.ranks[0].agent.encode() not in body
     intruder = Transport("intruder", "DRAM", 0)
     try:

@@ -12,11 +12,12 @@ import pytest
 import torch
 import zmq
 
-from runtime_hooks.base import RankHook
 from runtime_hooks.exposure import ModelIdentity
+from runtime_hooks.hook import RankHook
 from sidecar.config import Config
 from sidecar.contract.auth import Keyring
-from sidecar.contract.messages import PROTOCOL_VERSION, Reply, Request, decode_reply, encode
+from sidecar.contract.codec import decode
+from sidecar.contract.messages import PROTOCOL_VERSION, Reply, Request, encode
 from sidecar.lab.toy_engine import SMALL, ToyAdapter, rank_tensors
 
 
@@ -78,7 +79,7 @@ class Client:
         self.n += 1
         self.s.send(encode(self.keys.sign_msg("hook", Request(PROTOCOL_VERSION, self.n, op, self.session))))  # type: ignore[arg-type]
         while True:
-            r = decode_reply(self.s.recv())
+            r = decode(Reply, self.s.recv())
             if r.id in (self.n, 0):
                 return r
 
@@ -111,7 +112,7 @@ def test_pings_during_a_long_prepare_are_answered_with_the_preparing_state(make_
     time.sleep(0.3)
     r = pinger.ask("ping")
     assert r.ok and r.state == "preparing" and r.owner == "sc" and r.owner_silent_s == 0.0
-    assert decode_reply(c.s.recv()).state == "receiving"
+    assert decode(Reply, c.s.recv()).state == "receiving"
 
 
 def test_a_silent_owner_is_taken_over_only_after_the_timeout_and_post_processing_runs_once(make_hook):

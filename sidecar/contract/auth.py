@@ -20,7 +20,9 @@ from pathlib import Path
 
 import msgspec
 
-from sidecar.contract.messages import PROTOCOL_VERSION, ProtocolError, Sealed, decode_sealed, encode
+from sidecar import settings
+from sidecar.contract.codec import PROTOCOL_VERSION, ProtocolError, decode, encode
+from sidecar.contract.messages import Sealed
 
 MIN_KEY_BYTES = 32
 PURPOSES = ("redis", "peer", "hook", "secret")
@@ -58,7 +60,7 @@ class Keyring:
 
     @classmethod
     def from_env(cls) -> Keyring:
-        return cls.from_file(os.environ.get("MX_AUTH_KEY_FILE", ""))
+        return cls.from_file(settings.get("MX_AUTH_KEY_FILE"))
 
     @property
     def enabled(self) -> bool:
@@ -90,7 +92,7 @@ class Keyring:
         return encode(Sealed(PROTOCOL_VERSION, kind, body, self.mac("redis", _sealed_input(kind, key, body))))
 
     def unseal(self, kind: str, key: str, data: bytes, max_bytes: int, secret: bool = False) -> bytes:
-        s = decode_sealed(data, max_bytes)
+        s = decode(Sealed, data, max_bytes)
         if s.kind != kind:
             raise ProtocolError(f"{key}: a {s.kind!r} value where a {kind!r} was expected")
         self.check("redis", _sealed_input(kind, key, s.body), s.mac, f"Redis value {key}")

@@ -1,20 +1,22 @@
 """Messages between the runtime hook (engine process) and the sidecar, and between sidecars.
 
 Everything that crosses a process boundary is msgpack with an explicit, versioned schema (msgspec
-Structs). Decoding is strict: unknown ops, wrong types, missing fields, oversized frames and
-other protocol versions are rejected with a ProtocolError that names the problem. No pickle.
+Structs), decoded by sidecar.contract.codec.decode: unknown ops, wrong types, missing fields, oversized
+frames and other protocol versions are rejected with a ProtocolError that names the problem. No pickle.
+Bounds msgspec can check live in the Structs (msgspec.Meta); rules across fields are the validate_*
+functions below, which the codec runs on every decoded Reply and SourceRecord.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import msgspec
 
-PROTOCOL_VERSION = 2  # 2: sessions on engine commands, MACs on peer messages, sealed Redis records
-# Bounds that hold whatever the config says: a manifest of 100k tensors is ~10 MiB of msgpack.
-DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+from sidecar.contract.codec import PROTOCOL_VERSION, ProtocolError, encode
+from sidecar.settings import MAX_SLOT_BYTES, MAX_SLOTS, MIN_SLOT_BYTES  # also the MX_STAGING_* bounds
+
 MAX_TENSORS = 200_000
 MAX_HANDLES = 200_000
 MAX_NAME_CHARS = 1024
@@ -22,17 +24,15 @@ MAX_NAME_CHARS = 1024
 # from its header). A staging slot below MIN_SLOT_BYTES would make a transfer millions of round trips.
 MAX_DIMS = 64
 MAX_RANKS = 1024
-MAX_SLOTS = 256
-MIN_SLOT_BYTES = 64 << 10
-MAX_SLOT_BYTES = 16 << 30
 MAX_CHUNKS_PER_RANK = 1 << 20  # a plan longer than this is refused (256 TiB of 256 MiB slots, 64 GiB of 64 KiB)
 
 _Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)]
 _Short = Annotated[str, msgspec.Meta(max_length=256)]
 _Slot = tuple[Annotated[int, msgspec.Meta(ge=0)], Annotated[int, msgspec.Meta(ge=MIN_SLOT_BYTES, le=MAX_SLOT_BYTES)]]
 
+# Commands to the hook; sidecar/contract/session.py holds which may run in which state (checked against Op there).
 Op = Literal["ping", "describe", "prepare_target", "load_from_storage", "weights_ready", "abort"]
-OPS: tuple[str, ...] = ("ping", "describe", "prepare_target", "load_from_storage", "weights_ready", "abort")
+OPS: tuple[str, ...] = get_args(Op)
 
 # Hook states, in the order a healthy replica walks them (sidecar/contract/session.py holds the rules).
 #   waiting   : tensors allocated, no verdict yet (the engine is blocked); no session may write them
@@ -42,15 +42,6 @@ OPS: tuple[str, ...] = ("ping", "describe", "prepare_target", "load_from_storage
 #   ready     : the engine runs on these tensors; they may be served to others
 #   failed    : the adapter raised; the reply's error says why
 State = Literal["waiting", "preparing", "loading", "receiving", "ready", "failed"]
-
-
-class ProtocolError(ValueError):
-    """A message that must not be acted on: malformed, oversized, wrong version, unexpected."""
-
-
-# What msgspec raises besides DecodeError on hostile input (found by tests/test_fuzz_*.py): RecursionError for deep
-# nesting (even inside a field it skips), UnicodeDecodeError for a map key that is not UTF-8.
-_DECODE_ERRORS = (msgspec.DecodeError, RecursionError, UnicodeDecodeError)
 
 
 class ShmHandle(msgspec.Struct, tag="shm", frozen=True):
@@ -133,50 +124,9 @@ class Reply(msgspec.Struct, frozen=True):
     weights_version: int = 0  # bumped by the engine when it changes its weights in place
 
 
-class _Envelope(msgspec.Struct):
-    """Only the version: read first so a peer speaking another version gets a clear error."""
-
-    v: int
-
-
-_request_decoder = msgspec.msgpack.Decoder(Request)
-_reply_decoder = msgspec.msgpack.Decoder(Reply)
-_envelope_decoder = msgspec.msgpack.Decoder(_Envelope)
-_encoder = msgspec.msgpack.Encoder()
-
-
-def encode(msg: msgspec.Struct) -> bytes:
-    return _encoder.encode(msg)
-
-
-def _check_frame(data: bytes, max_bytes: int) -> None:
-    if len(data) > max_bytes:
-        raise ProtocolError(f"message of {len(data)} bytes exceeds the limit of {max_bytes}")
-    try:
-        env = _envelope_decoder.decode(data)
-    except _DECODE_ERRORS as e:
-        raise ProtocolError(f"malformed message: {e}") from None
-    if env.v != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {env.v} is not supported (this side speaks {PROTOCOL_VERSION})")
-
-
-def decode_request(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Request:
-    _check_frame(data, max_bytes)
-    try:
-        return _request_decoder.decode(data)
-    except _DECODE_ERRORS as e:
-        raise ProtocolError(f"malformed request: {e}") from None
-
-
-def decode_reply(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Reply:
-    _check_frame(data, max_bytes)
-    try:
-        reply = _reply_decoder.decode(data)
-    except _DECODE_ERRORS as e:
-        raise ProtocolError(f"malformed reply: {e}") from None
+def validate_reply(reply: Reply) -> None:
     if reply.manifest is not None:
         validate_manifest(reply.manifest)
-    return reply
 
 
 def validate_manifest(m: Manifest) -> None:
@@ -211,16 +161,16 @@ def layout_digest(tensors: list[TensorEntry]) -> str:
     """Digest of the logical layout (names, dtypes, shapes, sizes), independent of where bytes live."""
     h = hashlib.sha256(f"mx-layout/{PROTOCOL_VERSION}".encode())
     for t in sorted(tensors, key=lambda t: t.name):
-        h.update(_encoder.encode([t.name, t.dtype, t.shape, t.nbytes]))
+        h.update(encode([t.name, t.dtype, t.shape, t.nbytes]))
     return h.hexdigest()
 
 
 def fingerprint(identity: dict[str, str | int], layout: list[tuple[str, str, list[int]]]) -> str:
     """Fingerprint of a rank: every identity field plus names/dtypes/shapes, fail-closed on any change."""
     h = hashlib.sha256(f"mx-fingerprint/{PROTOCOL_VERSION}".encode())
-    h.update(_encoder.encode(sorted(identity.items())))
+    h.update(encode(sorted(identity.items())))
     for name, dtype, shape in sorted(layout):
-        h.update(_encoder.encode([name, dtype, list(shape)]))
+        h.update(encode([name, dtype, list(shape)]))
     return h.hexdigest()
 
 
@@ -233,13 +183,16 @@ def replica_fingerprint(rank_fingerprints: list[str]) -> str:
 
 
 # ---------------------------------------------------------------------------- sidecar <-> sidecar
-# Control messages ride NIXL notifications; bulk bytes ride NIXL READs. Tiny, bounded, versioned.
-MAX_PEER_MESSAGE_BYTES = 64 << 10
+# Control messages ride NIXL notifications (at most codec.MAX_PEER_MESSAGE_BYTES); bulk bytes ride NIXL READs.
+MAX_HELLO_AGE_S = 60.0
+MAX_SESSION_CHARS = 64
+# Every peer message is bound to a session id: a fresh random one per attempt.
+_Session = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_SESSION_CHARS)]
 
 
 class Hello(msgspec.Struct, tag="hello", frozen=True, forbid_unknown_fields=True):
     v: int
-    session: str  # fresh random id per attempt: every later message of the session is bound to it
+    session: _Session  # fresh random id per attempt: every later message of the session is bound to it
     rank: int
     reader: str  # the reader's agent name; its metadata is in Redis
     layout_digest: str
@@ -249,7 +202,7 @@ class Hello(msgspec.Struct, tag="hello", frozen=True, forbid_unknown_fields=True
 
 class Welcome(msgspec.Struct, tag="welcome", frozen=True, forbid_unknown_fields=True):
     v: int
-    session: str
+    session: _Session
     ok: bool
     error: str = ""
     mac: bytes = b""
@@ -257,7 +210,7 @@ class Welcome(msgspec.Struct, tag="welcome", frozen=True, forbid_unknown_fields=
 
 class Ready(msgspec.Struct, tag="ready", frozen=True, forbid_unknown_fields=True):
     v: int
-    session: str
+    session: _Session
     chunk: int
     slot: int
     mac: bytes = b""
@@ -265,35 +218,19 @@ class Ready(msgspec.Struct, tag="ready", frozen=True, forbid_unknown_fields=True
 
 class Done(msgspec.Struct, tag="done", frozen=True, forbid_unknown_fields=True):
     v: int
-    session: str
+    session: _Session
     chunk: int
     mac: bytes = b""
 
 
 class Bye(msgspec.Struct, tag="bye", frozen=True, forbid_unknown_fields=True):
     v: int
-    session: str
+    session: _Session
     ok: bool
     mac: bytes = b""
 
 
-MAX_HELLO_AGE_S = 60.0
-MAX_SESSION_CHARS = 64
-
-
 PeerMsg = Hello | Welcome | Ready | Done | Bye
-_peer_decoder = msgspec.msgpack.Decoder(PeerMsg)  # type: ignore[var-annotated]
-
-
-def decode_peer(data: bytes) -> PeerMsg:
-    _check_frame(data, MAX_PEER_MESSAGE_BYTES)
-    try:
-        msg: PeerMsg = _peer_decoder.decode(data)
-    except _DECODE_ERRORS as e:
-        raise ProtocolError(f"malformed peer message: {e}") from None
-    if not msg.session or len(msg.session) > MAX_SESSION_CHARS:
-        raise ProtocolError("peer message without a valid session id")
-    return msg
 
 
 # ---------------------------------------------------------------------------- Redis records
@@ -339,27 +276,9 @@ class Sealed(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     mac: bytes = b""
 
 
-_sealed_decoder = msgspec.msgpack.Decoder(Sealed)
-
-
-def decode_sealed(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Sealed:
-    _check_frame(data, max_bytes)
-    try:
-        return _sealed_decoder.decode(data)
-    except _DECODE_ERRORS as e:
-        raise ProtocolError(f"malformed sealed value: {e}") from None
-
-
-_record_decoder = msgspec.msgpack.Decoder(SourceRecord)
-
-
-def decode_record(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> SourceRecord:
-    """The record inside a Sealed value's body (the seal is checked by sidecar.contract.auth first)."""
-    _check_frame(data, max_bytes)
-    try:
-        rec = _record_decoder.decode(data)
-    except _DECODE_ERRORS as e:
-        raise ProtocolError(f"malformed source record: {e}") from None
+def validate_record(rec: SourceRecord) -> None:
+    """Rules across a record's fields (the record inside a Sealed value's body, whose seal
+    sidecar.contract.auth checks first); counts and sizes are bounded by the schema."""
     for r in rec.ranks:
         if r.checksums and len(r.checksums) != len(r.entries):
             raise ProtocolError("checksum list does not match the entries")
@@ -369,6 +288,5 @@ def decode_record(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> So
             raise ProtocolError("staged source without slots")
         if len(r.checksums) != len(r.entries):
             raise ProtocolError("a source record must carry one checksum per entry")
-        if any(a == 0 for a, _ in r.slots):  # count and sizes are bounded by the schema (_Slot, MAX_SLOTS)
+        if any(a == 0 for a, _ in r.slots):
             raise ProtocolError("a staging slot at address 0")
-    return rec

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from runtime_hooks.exposure import ModelIdentity
+from sidecar import settings
 from sidecar.lab.embedded_redis import EmbeddedRedis
 from sidecar.lab.replica_procs import Replica
 from sidecar.lab.toy_engine import DEMO, DTYPES, SMALL, ToyAdapter, make_checkpoint, rank_tensors
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     ckpt, ckpt_bytes = ensure_checkpoint(root, SMALL if args.small else DEMO)
     work = Path(tempfile.mkdtemp(prefix="mx-demo-", dir="/tmp"))
     redis = None
-    url = os.environ.get("MX_REDIS_URL")
+    url = settings.get("MX_REDIS_URL", default=None)
     if not url:
         redis = EmbeddedRedis().start()
         url = redis.url
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _deployment_key_env(work: Path) -> dict[str, str]:
     """As deployed: a deployment key authenticates records, peer messages and engine commands (README: trust model)."""
-    if os.environ.get("MX_AUTH_KEY_FILE"):
+    if settings.get("MX_AUTH_KEY_FILE"):
         return {}
     key = work / "deployment.key"
     key.write_bytes(secrets.token_bytes(32))

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 import xxhash
 
-from runtime_hooks.base import RankHook
 from runtime_hooks.engines.torch_module import TorchModuleAdapter
 from runtime_hooks.exposure import ModelIdentity
+from runtime_hooks.hook import RankHook
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -126,7 +126,7 @@ def digests(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--tp", type=int, default=1)
@@ -141,55 +141,56 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load-delay", type=float, default=0.0, help="seconds added to each storage load")
     p.add_argument("--prepare-realloc", type=int, default=0,
                    help="tensors that prepare_target moves to new memory (their old handles go stale)")
-    args = p.parse_args(argv)
-    meta = json.loads((Path(args.checkpoint) / "config.json").read_text())
-    cfg, dtype_name = meta["mx_toy"], meta["dtype"]
-    dtype = DTYPES[dtype_name]
-    torch.set_num_threads(1)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    hooks: list[RankHook] = []
-    all_tensors: list[dict[str, torch.Tensor]] = []
+    return p.parse_args(argv)
 
-    def update_weights(*_: object) -> None:
+
+class _ToyEngine:
+    """The ranks of one toy engine process: their hooks and tensors, the signal handlers that act on them."""
+
+    def __init__(self, args: argparse.Namespace, cfg: dict[str, int], dtype_name: str) -> None:
+        self.args = args
+        self.cfg = cfg
+        self.dtype_name = dtype_name
+        self.dtype = DTYPES[dtype_name]
+        self.hooks: list[RankHook] = []
+        self.all_tensors: list[dict[str, torch.Tensor]] = []
+        self.results: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        self.failed = threading.Event()
+
+    def update_weights(self, *_: object) -> None:
         """SIGUSR1: an in-place weight update (RL, LoRA merge): bytes change, the layout does not."""
-        for ts, h in zip(all_tensors, hooks, strict=False):
+        for ts, h in zip(self.all_tensors, self.hooks, strict=False):
             ts["model.norm.weight"].add_(1)
             h.weights_changed()
         print(json.dumps({"event": "weights_updated"}), flush=True)
 
-    signal.signal(signal.SIGUSR1, update_weights)
-
-    def recheck(*_: object) -> None:
+    def recheck(self, *_: object) -> None:
         """SIGUSR2: digests of the engine's bytes *now* (a READ landing after the verdict would show here)."""
-        for ts, h in zip(all_tensors, hooks, strict=False):
+        for ts, h in zip(self.all_tensors, self.hooks, strict=False):
             print(json.dumps({"event": "recheck", "rank": h.rank, "digests": digests(ts)}), flush=True)
 
-    signal.signal(signal.SIGUSR2, recheck)
-    results: list[dict[str, Any]] = []
-    lock = threading.Lock()
-    failed = threading.Event()
-
-    def serve_rank(rank: int) -> None:
+    def serve_rank(self, rank: int) -> None:
+        args = self.args
         t0 = time.monotonic()
         devices = args.devices.split(",")
         device = devices[rank % len(devices)]
         if device.startswith("cuda"):
             torch.cuda.set_device(device)
-        tensors = rank_tensors(cfg, args.tp, rank, dtype, device)
-        ident = ModelIdentity(args.model_id, args.revision, dtype_name, rank, args.tp)
+        tensors = rank_tensors(self.cfg, args.tp, rank, self.dtype, device)
+        ident = ModelIdentity(args.model_id, args.revision, self.dtype_name, rank, args.tp)
         adapter = ToyAdapter(tensors, ident, args.checkpoint)
         adapter.prepare_delay, adapter.load_delay = args.prepare_delay, args.load_delay
         adapter.prepare_realloc = args.prepare_realloc
         hook = RankHook(adapter, args.address)
-        with lock:
-            hooks.append(hook)
-            all_tensors.append(tensors)
+        with self.lock:
+            self.hooks.append(hook)
+            self.all_tensors.append(tensors)
         try:
             outcome = hook.run_until_ready(args.sidecar_timeout)
         except Exception as e:
             print(json.dumps({"rank": rank, "error": str(e)}), flush=True)
-            failed.set()
+            self.failed.set()
             return
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -198,20 +199,30 @@ def main(argv: list[str] | None = None) -> int:
                 "digests": {} if args.no_digests else digests(tensors),
                 "tensors": len(tensors), "seconds": ready_s,
                 "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
-        with lock:
-            results.append(line)
+        with self.lock:
+            self.results.append(line)
             print(json.dumps(line), flush=True)
 
-    threads = [threading.Thread(target=serve_rank, args=(r,)) for r in range(args.tp)]
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    meta = json.loads((Path(args.checkpoint) / "config.json").read_text())
+    engine = _ToyEngine(args, meta["mx_toy"], meta["dtype"])
+    torch.set_num_threads(1)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGUSR1, engine.update_weights)
+    signal.signal(signal.SIGUSR2, engine.recheck)
+    threads = [threading.Thread(target=engine.serve_rank, args=(r,)) for r in range(args.tp)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    if failed.is_set():
+    if engine.failed.is_set():
         return 1
     if not args.exit_after_ready:
         stop.wait()
-    for h in hooks:
+    for h in engine.hooks:
         h.close()
     return 0
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
+from sidecar.logs import Ctx
 from sidecar.memory.rank_memory import RankMemory
 from sidecar.memory.regions import Region
 from sidecar.transport import Transport
@@ -68,3 +70,31 @@ async def probe_mode(rank: RankMemory, owned: Region, agent_name: str) -> ProbeR
     conclusive = owned_rate >= MIN_CONCLUSIVE_GBPS
     mode = "direct" if conclusive and direct >= 0.5 * owned_rate else "staged"
     return ProbeResult(mode, direct, owned_rate)
+
+
+@dataclass
+class ModeChooser:
+    """Direct or staged, per rank: MX_SOURCE_MODE, or (auto) what the probe said for the rank's device."""
+
+    source_mode: Literal["auto", "staged", "direct"]
+    _probed: dict[tuple[str, int], Literal["direct", "staged"]] = field(default_factory=dict)
+
+    def mode(self, rm: RankMemory) -> Literal["direct", "staged"]:
+        if self.source_mode != "auto":
+            return self.source_mode
+        # DRAM serves fine where it lies (measured on the CPU machines); imported VRAM is probed once per device
+        # and stays staged until the probe says otherwise (DESIGN.md: 0.45 GB/s when re-exported).
+        if rm.mem_type == "DRAM":
+            return "direct"
+        return self._probed.get((rm.mem_type, rm.device_id), "staged")
+
+    async def probe(self, rm: RankMemory, agent_name: str, log: Ctx) -> None:
+        """Probe the rank's device once (auto mode, VRAM, the rank's ring already registered)."""
+        key = (rm.mem_type, rm.device_id)
+        if self.source_mode != "auto" or rm.mem_type == "DRAM" or key in self._probed or rm.ring is None:
+            return
+        t0 = time.monotonic()
+        res = await probe_mode(rm, rm.ring.slots[0], agent_name)
+        self._probed[key] = res.mode  # type: ignore[assignment]
+        log.info("phase=mode_probe %.2fs device %d: imported memory %.2f GB/s, owned %.2f GB/s -> %s",
+                 time.monotonic() - t0, rm.device_id, res.direct_gbps, res.owned_gbps, res.mode, rank=rm.rank)

@@ -1,10 +1,9 @@
 """Source: publish what the engine holds, keep the record alive, and stay true to the engine.
 
-A source re-checks its engine at every keepalive ping (state, layout digest, memory handles, the weights
-version the engine bumps on an in-place update). Before, the keepalive ignored them, and a source kept
-advertising memory its engine had rebuilt or rewritten. Any change withdraws the source at once; it
-publishes again only after a fresh import and fresh checksums, and never after an in-place weight update
-(those bytes are no longer the checkpoint's that the fingerprint names).
+A source re-checks its engine at every keepalive ping (sidecar.source.watch). Before, the keepalive ignored
+it, and a source kept advertising memory its engine had rebuilt or rewritten. Any change withdraws the
+source at once; it publishes again only after a fresh import and fresh checksums, and never after an
+in-place weight update (those bytes are no longer the checkpoint's that the fingerprint names).
 """
 
 from __future__ import annotations
@@ -25,17 +24,10 @@ from sidecar.failpoints import Failpoints
 from sidecar.logs import Ctx
 from sidecar.memory.rank_memory import RankMemory
 from sidecar.metrics import Metrics
+from sidecar.source.mode_probe import ModeChooser
 from sidecar.source.ring import StagingRing
 from sidecar.source.server import SourceServer
-
-
-@dataclass(frozen=True)
-class _View:
-    """What a rank looked like when its checksums were taken."""
-
-    layout_digest: str
-    handles: tuple[object, ...]
-    weights_version: int
+from sidecar.source.watch import EngineWatch
 
 
 @dataclass
@@ -49,13 +41,25 @@ class Publisher:
     metrics: Metrics
     log: Ctx
     failpoints: Failpoints
-    ranks: dict[int, RankMemory] = field(default_factory=dict)
+    _ranks: dict[int, RankMemory] = field(default_factory=dict)
     published: bool = False
     withdrawn: str = ""  # why we stopped serving ('' while serving or before the first publication)
-    _views: dict[int, _View] = field(default_factory=dict)
+    _watched: EngineWatch = field(default_factory=EngineWatch)
     _record: SourceRecord | None = None
-    _probed: dict[tuple[str, int], Literal["direct", "staged"]] = field(default_factory=dict)
+    _modes: ModeChooser = field(init=False)
     _withdrawing: asyncio.Task[None] | None = None
+
+    def __post_init__(self) -> None:
+        self._modes = ModeChooser(self.cfg.source_mode)
+
+    @property
+    def ranks(self) -> dict[int, RankMemory]:
+        """The ranks this source serves (or will): read-only from outside; see adopt."""
+        return self._ranks
+
+    def adopt(self, ranks: dict[int, RankMemory]) -> None:
+        """Take ranks imported elsewhere (a target's, before it becomes a source) as this source's."""
+        self._ranks = ranks
 
     async def become_source(self, manifests: list[Manifest], verified: bool) -> None:
         """Import (if the layout changed), stage, checksum (unless just verified against a source), publish."""
@@ -65,8 +69,8 @@ class Publisher:
         current = [r.manifest for r in replies if r.manifest is not None]
         if any(r.state != "ready" for r in replies):
             raise RuntimeError(f"cannot publish: ranks are {[r.state for r in replies]}")
-        if not self.ranks or any(self.ranks[m.tp_rank].manifest != m for m in current):
-            self.ranks = await self.agents.import_ranks(current, self.ranks, model, self.metrics, self.log)
+        if not self._ranks or any(self._ranks[m.tp_rank].manifest != m for m in current):
+            self._ranks = await self.agents.import_ranks(current, self.ranks, model, self.metrics, self.log)
             verified = verified and all(m == c for m, c in zip(manifests, current, strict=True))
         for rm in self.ranks.values():
             await self._stage(rm)
@@ -76,9 +80,7 @@ class Publisher:
             for rm, s in zip(self.ranks.values(), sums, strict=True):
                 rm.checksums = s
             self.log.info("phase=checksum %.2fs over %d tensors", time.monotonic() - t1, sum(len(s) for s in sums))
-        self._views = {r.manifest.tp_rank: _View(r.manifest.layout_digest, tuple(r.manifest.handles),
-                                                 r.weights_version)
-                       for r in replies if r.manifest is not None}
+        self._watched.take(replies)
         self._record = SourceRecord(PROTOCOL_VERSION, self.replica_id, self.cfg.node_name, model, self.engine.fp, [
             RankSource(rm.rank, rm.transport.name if rm.transport else "", rm.mem_type, rm.device_id, self._mode(rm),
                        list(rm.manifest.tensors), list(rm.checksums),
@@ -105,7 +107,7 @@ class Publisher:
         if self._mode(rm) != "staged" or rm.ring is not None or rm.transport is None:
             return
         reg = rm.add_ring(StagingRing(rm.ops, self.cfg.staging_slots, self.cfg.staging_slot_bytes))
-        await self._probe_mode(rm)
+        await self._modes.probe(rm, f"{self.replica_id}-probe{rm.device_id}", self.log)
         if self._mode(rm) == "staged":
             assert rm.ring is not None
             self.metrics.registered_bytes.labels(self.engine.model, "staging").inc(rm.ring.nbytes)
@@ -115,40 +117,14 @@ class Publisher:
             rm.drop_ring(reg)
 
     def _mode(self, rm: RankMemory) -> Literal["direct", "staged"]:
-        if self.cfg.source_mode != "auto":
-            return self.cfg.source_mode
-        # DRAM serves fine where it lies (measured on the CPU machines); imported VRAM is probed once per device
-        # and stays staged until the probe says otherwise (DESIGN.md: 0.45 GB/s when re-exported).
-        if rm.mem_type == "DRAM":
-            return "direct"
-        return self._probed.get((rm.mem_type, rm.device_id), "staged")
-
-    async def _probe_mode(self, rm: RankMemory) -> None:
-        key = (rm.mem_type, rm.device_id)
-        if self.cfg.source_mode != "auto" or rm.mem_type == "DRAM" or key in self._probed or rm.ring is None:
-            return
-        from sidecar.source.mode_probe import probe_mode
-
-        t0 = time.monotonic()
-        res = await probe_mode(rm, rm.ring.slots[0], f"{self.replica_id}-probe{rm.device_id}")
-        self._probed[key] = res.mode  # type: ignore[assignment]
-        self.log.info("phase=mode_probe %.2fs device %d: imported memory %.2f GB/s, owned %.2f GB/s -> %s",
-                      time.monotonic() - t0, rm.device_id, res.direct_gbps, res.owned_gbps, res.mode, rank=rm.rank)
+        return self._modes.mode(rm)
 
     # -------------------------------------------------------------- staying true
     def _watch(self, rank: int, reply: Reply) -> None:
         """Every ping reply while serving: withdraw at once if the engine is no longer what we published."""
-        view = self._views.get(rank)
-        if view is None or self.withdrawn or self._record is None:
+        if not self._watched.watches(rank) or self.withdrawn or self._record is None:
             return
-        why = ""
-        if reply.state != "ready":
-            why = "state"
-        elif reply.weights_version != view.weights_version:
-            why = "weights_updated"
-        elif reply.manifest is None or reply.manifest.layout_digest != view.layout_digest \
-                or tuple(reply.manifest.handles) != view.handles:
-            why = "layout"
+        why = self._watched.change(rank, reply)
         if why:
             self.withdraw(why, f"rank {rank} changed ({why}: state {reply.state}, weights version "
                                f"{reply.weights_version})")
@@ -201,9 +177,7 @@ class Publisher:
         if self.withdrawn == "weights_updated":
             return  # the engine serves other bytes than the checkpoint's: never a source for this fingerprint
         replies = await self.engine.states()
-        if all(r.state == "ready" for r in replies) and \
-                all(r.weights_version == self._views[r.manifest.tp_rank].weights_version
-                    for r in replies if r.manifest is not None):
+        if self._watched.ready_again(replies):
             self.log.info("engine ready again after a change (%s): fresh import and checksums", self.withdrawn)
             await self.become_source([r.manifest for r in replies if r.manifest is not None], verified=False)
 

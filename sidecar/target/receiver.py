@@ -28,7 +28,8 @@ from sidecar.logs import Ctx
 from sidecar.memory.rank_memory import RankMemory
 from sidecar.metrics import Metrics
 from sidecar.peers import PeerRouter
-from sidecar.target.pull import pull_rank, verify_rank
+from sidecar.target.pull import pull_rank
+from sidecar.target.verify import verify_rank
 from sidecar.transport import Transport
 
 Result = Literal["ok", "verify_failed", "refused_layout", "refused_auth", "source_failed", "redis_down", "error"]

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime_hooks.base import RankHook
 from runtime_hooks.engines.trtllm.files import BuildFailed, BuildOptions, BuildToolMissing, build_command, build_engine
 from runtime_hooks.exposure import build_manifest, compute_fingerprint
+from runtime_hooks.files.buffers import resolve_devices, usable_mem_types
+from runtime_hooks.files.errors import FilesError, SourceNotFound, TransferFailed
 from runtime_hooks.files.layout import (
     FileSpec,
     LayoutError,
@@ -25,15 +26,9 @@ from runtime_hooks.files.layout import (
     plan_ranks,
     rank_fingerprint,
 )
-from runtime_hooks.files.publish import (
-    FilesError,
-    FileSourceAdapter,
-    FileTargetAdapter,
-    SourceNotFound,
-    TransferFailed,
-    resolve_devices,
-    usable_mem_types,
-)
+from runtime_hooks.files.publisher import FileSourceAdapter
+from runtime_hooks.files.receiver import FileTargetAdapter
+from runtime_hooks.hook import RankHook
 from sidecar.config import Config, ConfigError
 from sidecar.contract.messages import PROTOCOL_VERSION, RankSource, SourceRecord, TensorEntry, replica_fingerprint
 from tests.trtllm.checkpoints import SMALL_CKPT, digests, make_model_dir, make_trtllm_checkpoint
@@ -324,7 +319,7 @@ def test_the_fake_builder_sees_the_options_the_loader_passes(ckpt, tmp_path, mon
 
 
 def test_received_files_never_land_outside_the_destination_through_a_symlinked_directory(tmp_path):
-    from runtime_hooks.files.publish import FileReceiver
+    from runtime_hooks.files.receiver import FileReceiver
 
     outside = tmp_path / "outside"
     outside.mkdir()

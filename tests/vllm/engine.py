@@ -28,7 +28,8 @@ def report(worker: Any) -> dict[str, Any]:
     import xxhash
     from vllm.distributed import get_tensor_model_parallel_rank
 
-    from runtime_hooks.engines.vllm.plugin import discover_tensors, outcome_for_rank
+    from runtime_hooks.discovery import discover_tensors
+    from runtime_hooks.engines.vllm.plugin import outcome_for_rank
 
     rank = get_tensor_model_parallel_rank()
     model = worker.model_runner.get_model()

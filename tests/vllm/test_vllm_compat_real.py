@@ -57,7 +57,8 @@ def test_a_vllm_lacking_the_dummy_loader_still_accepts_mx_and_hands_the_load_to_
     model = torch.nn.Linear(2, 2)
     calls = []
     monkeypatch.setattr(loader.storage_loader, "load_model", lambda **kw: calls.append(kw) or model)
-    monkeypatch.setattr(mx_vllm, "_outcomes", {})
+    hooks = mx_vllm.VllmHooks()  # this test's outcomes alone
+    monkeypatch.setattr(loader, "hooks", hooks)
     vllm_config = SimpleNamespace(
         parallel_config=SimpleNamespace(pipeline_parallel_size=1, data_parallel_size=1),
         compilation_config=SimpleNamespace(static_forward_context={}), device_config=SimpleNamespace(device="cpu"))
@@ -68,4 +69,4 @@ def test_a_vllm_lacking_the_dummy_loader_still_accepts_mx_and_hands_the_load_to_
     assert f"vLLM {vllm_compat.version()}" in line
     assert "vllm.model_executor.model_loader.dummy_loader.DummyModelLoader" in line
     assert "default loader reads storage" in line and "VllmConfig" not in line
-    assert mx_vllm.outcome_for_rank(0) == "loaded_by_vllm"
+    assert hooks.outcome(0) == "loaded_by_vllm"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from runtime_hooks.engines.vllm.plugin import discover_tensors
+from runtime_hooks.discovery import discover_tensors
 
 
 class _Packed(torch.nn.Module):

@@ -13,6 +13,8 @@ import torch
 pytest.importorskip("vllm.model_executor")
 pytestmark = pytest.mark.vllm
 
+from runtime_hooks.discovery import discover_tensors  # noqa: E402
+from runtime_hooks.engines.vllm import adapter as vllm_adapter  # noqa: E402
 from runtime_hooks.engines.vllm import plugin as mx_vllm  # noqa: E402
 from runtime_hooks.exposure import compute_fingerprint  # noqa: E402
 from tests.vllm.tiny_llama import make_tiny_llama  # noqa: E402
@@ -47,7 +49,7 @@ def tp(monkeypatch: pytest.MonkeyPatch):
 
 
 def _ident(*args: object, **kw: object):
-    return mx_vllm._identity(*_configs(*args, **kw))  # type: ignore[arg-type]
+    return vllm_adapter.model_identity(*_configs(*args, **kw))  # type: ignore[arg-type]
 
 
 def test_identity_is_stable_for_the_same_model_and_settings(tp, ckpt):
@@ -129,7 +131,7 @@ def _post_process_with(kind: str, monkeypatch: pytest.MonkeyPatch) -> tuple[_Lay
 
     monkeypatch.setattr(layer_utils, "dispatch_cpu_unquantized_gemm", _fake_dispatch(kind))
     layer, opaque = _Layer(), []
-    with mx_vllm._exposable_cpu_gemm(opaque):
+    with vllm_adapter.exposable_cpu_gemm(opaque):
         layer_utils.dispatch_cpu_unquantized_gemm(layer, remove_weight=True)  # what vLLM's linear layer calls
     return layer, opaque
 
@@ -137,13 +139,13 @@ def _post_process_with(kind: str, monkeypatch: pytest.MonkeyPatch) -> tuple[_Lay
 def test_cpu_layers_packed_into_opaque_handles_keep_their_weight_and_are_rebuilt_after_receive(monkeypatch):
     layer, opaque = _post_process_with("opaque", monkeypatch)
     assert opaque == [layer] and layer.weight.shape == (8, 4)
-    assert "weight" in mx_vllm.discover_tensors(layer)
+    assert "weight" in discover_tensors(layer)
 
 
 def test_cpu_layers_packed_into_tensors_expose_the_packed_tensor_and_drop_the_weight_as_vllm_does(monkeypatch):
     layer, opaque = _post_process_with("tensor", monkeypatch)
     assert opaque == [] and layer.weight.numel() == 0
-    assert mx_vllm.discover_tensors(layer)["cpu_linear.packed"].shape == (8, 4)
+    assert discover_tensors(layer)["cpu_linear.packed"].shape == (8, 4)
 
 
 def test_cpu_layers_on_plain_torch_linear_are_left_alone(monkeypatch):

@@ -22,7 +22,7 @@ def adapter_steps(worker: Any) -> dict[str, Any]:
     from vllm.utils.torch_utils import set_default_torch_dtype
 
     from runtime_hooks.engines.vllm import compat as vllm_compat
-    from runtime_hooks.engines.vllm.plugin import VllmAdapter, forget_model_layers
+    from runtime_hooks.engines.vllm.adapter import VllmAdapter, forget_model_layers
     from runtime_hooks.exposure import compute_fingerprint
 
     vllm_config = worker.vllm_config

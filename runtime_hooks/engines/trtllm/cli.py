@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(cfg.log_level)
     from runtime_hooks.engines.trtllm.files import EngineBuildError, TrtllmSourcePublisher, TrtllmTargetLoader
-    from runtime_hooks.files.publish import FilesError, SourceNotFound, TransferFailed
+    from runtime_hooks.files.errors import FilesError, SourceNotFound, TransferFailed
 
     try:
         with _child_sidecar(args.with_sidecar) as stop_sidecar:

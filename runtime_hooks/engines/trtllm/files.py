@@ -29,6 +29,8 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime_hooks.files.buffers import resolve_devices
+from runtime_hooks.files.errors import FilesError
 from runtime_hooks.files.layout import (
     FORMS,
     LayoutError,
@@ -37,7 +39,8 @@ from runtime_hooks.files.layout import (
     list_files,
     plan_ranks,
 )
-from runtime_hooks.files.publish import FilePublisher, FileReceiver, FilesError, ReceiveResult, resolve_devices
+from runtime_hooks.files.publisher import FilePublisher
+from runtime_hooks.files.receiver import FileReceiver, ReceiveResult
 from sidecar.config import Config
 
 log = logging.getLogger("mx.trtllm")

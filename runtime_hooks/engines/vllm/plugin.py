@@ -13,6 +13,9 @@ Per worker (TP rank r), inside `MxModelLoader.load_model`:
     no sidecar within MX_SIDECAR_TIMEOUT: the default loader reads storage (logged).
 The hook then keeps serving from a background thread, so this replica can be a source.
 
+The adapter (vLLM's steps, the model's identity) is `runtime_hooks.engines.vllm.adapter`; tensor discovery and
+checkpoint naming, which any engine shares, are `runtime_hooks.discovery` and `runtime_hooks.identity`.
+
 This module imports vLLM only inside functions: it is importable (and type-checks) without vLLM.
 """
 
@@ -22,23 +25,18 @@ import atexit
 import contextlib
 import dataclasses
 import gc
-import hashlib
-import json
 import logging
-import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from runtime_hooks.engines.vllm import compat as vllm_compat
-from runtime_hooks.exposure import ModelIdentity
+from runtime_hooks.engines.vllm.adapter import VllmAdapter
 
 if TYPE_CHECKING:
-    from runtime_hooks.base import RankHook
+    from runtime_hooks.hook import RankHook
 
 log = logging.getLogger("mx.vllm")
 
@@ -48,13 +46,75 @@ EXTRA_STORAGE_FORMAT = "storage_load_format"  # what "load from storage" means; 
 EXTRA_SIDECAR_TIMEOUT = "sidecar_timeout"  # seconds; default MX_SIDECAR_TIMEOUT
 
 _registered = False
-_hooks: dict[int, RankHook] = {}  # one live hook per TP rank of this process, kept for the model's life
-_outcomes: dict[int, str] = {}  # how each rank's weights got there: received | loaded | loaded_without_sidecar | ...
-_hooks_lock = threading.Lock()
+
+
+class VllmHooks:
+    """The live rank hooks of one process (one per TP rank, kept for the model's life) and how each rank's weights
+    got there: received | loaded | loaded_without_sidecar | loaded_without_hook | loaded_by_vllm.
+
+    The loader class holds one and every loader instance uses it: vLLM builds a new loader for a rebuilt model,
+    and the new model's hook must close the old one to take the rank's socket."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._hooks: dict[int, RankHook] = {}
+        self._outcomes: dict[int, str] = {}
+
+    def start(self, adapter: VllmAdapter) -> RankHook:
+        """A hook for `adapter`'s rank; an earlier one of that rank (a rebuilt model) is closed first."""
+        from runtime_hooks.hook import RankHook
+
+        with self._lock:
+            old = self._hooks.pop(adapter.rank, None)
+        if old is not None:  # the model is being rebuilt in this process: the new one takes the socket
+            old.close()
+        hook = RankHook(adapter)
+        with self._lock:
+            self._hooks[adapter.rank] = hook
+        return hook
+
+    def hook(self, rank: int) -> RankHook | None:
+        with self._lock:
+            return self._hooks.get(rank)
+
+    def outcome(self, rank: int) -> str:
+        with self._lock:
+            return self._outcomes.get(rank, "")
+
+    def record(self, rank: int, outcome: str, *, keep: bool = False) -> None:
+        """Note how `rank`'s weights got there; with `keep`, an outcome noted before stays (a draft model)."""
+        with self._lock:
+            if keep:
+                self._outcomes.setdefault(rank, outcome)
+            else:
+                self._outcomes[rank] = outcome
+
+    def close(self) -> None:
+        with self._lock:
+            hooks = list(self._hooks.values())
+            self._hooks.clear()
+        for h in hooks:
+            with contextlib.suppress(Exception):
+                h.close()
+
+
+# This process's hooks: vLLM constructs loaders itself (from a LoadConfig alone), so the loader class is handed
+# this one object when it is built; the functions below read the same object for tests and introspection.
+_process_hooks = VllmHooks()
+atexit.register(_process_hooks.close)
+
+
+def hook_for_rank(rank: int) -> RankHook | None:
+    """The live hook of `rank` in this process (tests, introspection)."""
+    return _process_hooks.hook(rank)
+
+
+def outcome_for_rank(rank: int) -> str:
+    """How `rank`'s weights got there in this process ('' when the mx loader did not load it)."""
+    return _process_hooks.outcome(rank)
 
 
 # --------------------------------------------------------------------------------------------- plugin
-
 
 def register() -> None:
     """vLLM general plugin: register load format `mx`. Safe to call many times and in every process.
@@ -96,11 +156,13 @@ def loader_class() -> type:
     """The `BaseModelLoader` subclass for `mx`, built on first use so that importing this module needs no vLLM."""
     global _loader_cls
     if _loader_cls is None:
-        _loader_cls = _build_loader_class()
+        _loader_cls = _build_loader_class(_process_hooks)
     return _loader_cls
 
 
-def _build_loader_class() -> type:
+def _build_loader_class(hooks: VllmHooks) -> type:
+    # Longer than 60 lines: it is the body of one class, defined here because vLLM's base class may be imported
+    # only lazily (this module imports without vLLM); each method stays short.
     from vllm.config.load import LoadConfig
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
     from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
@@ -110,6 +172,7 @@ def _build_loader_class() -> type:
 
         def __init__(self, load_config: LoadConfig) -> None:
             super().__init__(load_config)
+            self.hooks = hooks
             extra = dict(load_config.model_loader_extra_config or {})
             storage_format = str(extra.pop(EXTRA_STORAGE_FORMAT, "auto"))
             if storage_format == LOAD_FORMAT:
@@ -161,23 +224,24 @@ def _build_loader_class() -> type:
                 gc.collect()
                 return self._default_load(vllm_config, model_config, prefix)
             try:
-                hook = _start_hook(adapter)
+                hook = self.hooks.start(adapter)
             except Exception:
                 log.exception("mx: could not start the rank hook; loading from storage without the sidecar")
                 with set_default_torch_dtype(dtype):
                     adapter.load_from_storage()
-                _outcomes[adapter.rank] = "loaded_without_hook"
+                self.hooks.record(adapter.rank, "loaded_without_hook")
                 return adapter.model.eval()
             with set_default_torch_dtype(dtype):
                 outcome = hook.run_until_ready(self.sidecar_timeout)
-            _outcomes[adapter.rank] = outcome
+            self.hooks.record(adapter.rank, outcome)
             log.info("mx: rank %d weights %s in %.2fs", adapter.rank, outcome, time.monotonic() - t0)
             return adapter.model.eval()
 
         def _default_load(self, vllm_config: Any, model_config: Any, prefix: str) -> torch.nn.Module:
             """vLLM's default loader, exactly as `--load-format auto` (or `storage_load_format`) would run it."""
             model = self.storage_loader.load_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
-            _outcomes.setdefault(_tp_rank_or_zero(), "loaded_by_vllm")  # a draft model keeps the rank's outcome
+            # keep: a draft model leaves the rank's outcome as its target model set it
+            self.hooks.record(_tp_rank_or_zero(), "loaded_by_vllm", keep=True)
             return model  # type: ignore[no-any-return]
 
     return MxModelLoader
@@ -205,339 +269,3 @@ def _unsupported(vllm_config: Any, model_config: Any) -> str:
         return "speculative draft models load from storage"
     return ""
 
-
-def _start_hook(adapter: VllmAdapter) -> RankHook:
-    from runtime_hooks.base import RankHook
-
-    rank = adapter.rank
-    with _hooks_lock:
-        old = _hooks.pop(rank, None)
-    if old is not None:  # the model is being rebuilt in this process: the new one takes the socket
-        old.close()
-    hook = RankHook(adapter)
-    with _hooks_lock:
-        _hooks[rank] = hook
-    return hook
-
-
-def hook_for_rank(rank: int) -> RankHook | None:
-    """The live hook of `rank` in this process (tests, introspection)."""
-    with _hooks_lock:
-        return _hooks.get(rank)
-
-
-def outcome_for_rank(rank: int) -> str:
-    """How `rank`'s weights got there in this process ('' when the mx loader did not load it)."""
-    return _outcomes.get(rank, "")
-
-
-@atexit.register
-def _close_hooks() -> None:
-    with _hooks_lock:
-        hooks = list(_hooks.values())
-        _hooks.clear()
-    for h in hooks:
-        with contextlib.suppress(Exception):
-            h.close()
-
-
-# --------------------------------------------------------------------------------------------- adapter
-
-
-class VllmAdapter:
-    """`EngineAdapter` for one vLLM worker: every step is vLLM's own code (loaders, post-processing)."""
-
-    def __init__(
-        self,
-        build: Callable[[], torch.nn.Module],
-        vllm_config: Any,
-        model_config: Any,
-        storage_loader: Any,
-        device: torch.device,
-    ) -> None:
-        self._build = build
-        self.vllm_config = vllm_config
-        self.model_config = model_config
-        self.storage_loader = storage_loader
-        self.device = device
-        self.model = build()
-        self._processed = False
-        self._cpu_rebuild: list[torch.nn.Module] = []  # layers whose CPU GEMM state is opaque (see below)
-        # Before any load: post-processing may mutate hf_config (quantization_config), which would change the hash.
-        self._identity = _identity(vllm_config, model_config)
-        self.rank = self._identity.tp_rank
-
-    # -- EngineAdapter
-
-    def identity(self) -> ModelIdentity:
-        return self._identity
-
-    def discover_tensors(self) -> dict[str, torch.Tensor]:
-        return discover_tensors(self.model, self.device.type)
-
-    @torch.no_grad()
-    def load_from_storage(self) -> None:
-        if self._processed:  # post-processing is not reversible in general: start from a fresh model
-            self._rebuild()
-        t0 = time.monotonic()
-        self.storage_loader.load_weights(self.model, self.model_config)
-        self._post_process()
-        log.info("mx: rank %d loaded from storage and post-processed in %.2fs", self.rank, time.monotonic() - t0)
-
-    @torch.no_grad()
-    def prepare_target(self) -> None:
-        from vllm.config.load import LoadConfig
-        from vllm.model_executor.model_loader.dummy_loader import DummyModelLoader
-
-        t0 = time.monotonic()
-        DummyModelLoader(LoadConfig(load_format="dummy")).load_weights(self.model, self.model_config)
-        self._post_process()
-        log.info("mx: rank %d target prepared (dummy weights, post-processed) in %.2fs", self.rank,
-                 time.monotonic() - t0)
-
-    @torch.no_grad()
-    def after_receive(self) -> None:
-        """Rebuild state that vLLM derived from weights into places we cannot expose (opaque kernel handles)."""
-        from vllm.model_executor.layers import utils as layer_utils
-
-        dispatch = layer_utils.dispatch_cpu_unquantized_gemm
-        rebuild = getattr(dispatch, "_mx_original", dispatch)
-        for layer in self._cpu_rebuild:
-            rebuild(layer, remove_weight=False)
-        if self._cpu_rebuild:
-            log.info("mx: rank %d rebuilt %d CPU GEMM handles from received weights", self.rank, len(self._cpu_rebuild))
-
-    def reset_for_retry(self) -> None:
-        """A receive failed; load_from_storage will start from a freshly built model."""
-        self._rebuild()
-
-    # -- internals
-
-    def _rebuild(self) -> None:
-        forget_model_layers(self.vllm_config, self.model)
-        self.model = None  # type: ignore[assignment]
-        self._cpu_rebuild = []
-        gc.collect()
-        self.model = self._build()
-        self._processed = False
-
-    def _post_process(self) -> None:
-        """What vLLM's `BaseModelLoader.load_model` runs after `load_weights`, in the same order."""
-        from vllm.model_executor.model_loader import base_loader
-        from vllm.model_executor.model_loader.utils import process_weights_after_loading
-
-        gc.collect()
-        torch.accelerator.empty_cache()
-        has_online_quant = getattr(base_loader, "_has_online_quant", None)
-        if has_online_quant is not None and has_online_quant(self.model):
-            from vllm.model_executor.model_loader.reload import finalize_layerwise_processing
-
-            finalize_layerwise_processing(self.model, self.model_config)
-        with _exposable_cpu_gemm(self._cpu_rebuild):
-            process_weights_after_loading(self.model, self.model_config, self.device)
-        gc.collect()
-        torch.accelerator.empty_cache()
-        self._processed = True
-
-
-def forget_model_layers(vllm_config: Any, model: torch.nn.Module | None) -> int:
-    """Unregister `model`'s layers from vLLM's per-config layer registry (attention layers register by name
-    and refuse a duplicate), so that a fresh model can be built in this process. Returns how many."""
-    if model is None:
-        return 0
-    ctx = vllm_config.compilation_config.static_forward_context
-    ours = {id(m) for m in model.modules()}
-    names = [k for k, v in ctx.items() if id(v) in ours]
-    for k in names:
-        del ctx[k]
-    return len(names)
-
-
-# --------------------------------------------------------------------------------------------- discovery
-
-
-def discover_tensors(model: torch.nn.Module, device_type: str | None = None) -> dict[str, torch.Tensor]:
-    """Every tensor the model holds: parameters, buffers, tensor attributes of modules (also inside lists,
-    tuples and dicts), and tensors captured by kernel closures such as vLLM CPU's packed GEMM weights.
-
-    Aliases keep their own names (the hook dedupes by storage). Meta tensors hold no bytes and are skipped;
-    with `device_type`, tensors on other devices are skipped too (e.g. CPU copies kept beside GPU weights).
-    """
-    found: dict[str, torch.Tensor] = {}
-
-    def add(name: str, t: object) -> None:
-        if isinstance(t, torch.Tensor) and not t.is_meta and (device_type is None or t.device.type == device_type):
-            found[name] = t.data if isinstance(t, torch.nn.Parameter) else t
-
-    for mname, module in model.named_modules(remove_duplicate=False):
-        prefix = f"{mname}." if mname else ""
-        for leaf, p in module._parameters.items():
-            add(prefix + leaf, p)
-        for leaf, b in module._buffers.items():
-            add(prefix + leaf, b)
-        for attr, value in vars(module).items():
-            if attr.startswith("__") or attr in ("_parameters", "_buffers", "_modules"):
-                continue
-            if isinstance(value, torch.Tensor):
-                add(prefix + attr, value)
-            elif isinstance(value, (list, tuple)):
-                for i, v in enumerate(value):
-                    add(f"{prefix}{attr}.{i}", v)
-            elif isinstance(value, dict):
-                for k, v in value.items():
-                    if isinstance(k, (str, int)):
-                        add(f"{prefix}{attr}.{k}", v)
-            elif callable(value) and not isinstance(value, torch.nn.Module):
-                for var, v in _closure_items(value):
-                    add(f"{prefix}{attr}.{var}", v)
-    return found
-
-
-def _closure_items(fn: object) -> list[tuple[str, object]]:
-    """(free variable, value) pairs of a Python closure, plus its default arguments."""
-    code = getattr(fn, "__code__", None)
-    cells = getattr(fn, "__closure__", None) or ()
-    items: list[tuple[str, object]] = []
-    if code is not None:
-        for var, cell in zip(code.co_freevars, cells, strict=False):
-            with contextlib.suppress(ValueError):  # an empty cell
-                items.append((var, cell.cell_contents))
-        defaults = getattr(fn, "__defaults__", None) or ()
-        names = code.co_varnames[code.co_argcount - len(defaults): code.co_argcount]
-        items.extend(zip(names, defaults, strict=False))
-    return items
-
-
-@contextlib.contextmanager
-def _exposable_cpu_gemm(opaque_layers: list[torch.nn.Module]) -> Iterator[None]:
-    """vLLM CPU packs linear weights at post-processing time (layers/utils.py `dispatch_cpu_unquantized_gemm`):
-    oneDNN keeps the packed copy inside a C++ handle nobody can map, and `remove_weight=True` then frees the
-    plain weight. Within this context, a layer whose packed form is such an opaque handle keeps its plain
-    weight (exposed and transferred) and is listed in `opaque_layers` so that `after_receive` rebuilds its
-    handle from the received bytes. Packed forms held in tensors (sgl/zentorch closures) are exposed as they
-    are and vLLM's weight removal applies unchanged. Without a CPU platform this changes nothing.
-    """
-    from vllm.model_executor.layers import utils as layer_utils
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
-        yield
-        return
-    original = layer_utils.dispatch_cpu_unquantized_gemm
-
-    def dispatch(layer: torch.nn.Module, remove_weight: bool) -> None:
-        original(layer, remove_weight=False)
-        fn = getattr(layer, "cpu_linear", None)
-        items = _closure_items(fn) if fn is not None else []
-        if not items:
-            return  # plain torch linear on the layer's own weight: nothing derived
-        if any(isinstance(v, torch.Tensor) for _, v in items):
-            if remove_weight:  # what vLLM does after packing into a tensor we expose
-                w: torch.Tensor = layer.weight  # type: ignore[assignment]
-                layer.weight = torch.nn.Parameter(torch.empty(0, dtype=w.dtype, device=w.device), requires_grad=False)
-            return
-        opaque_layers.append(layer)
-
-    dispatch._mx_original = original  # type: ignore[attr-defined]
-    layer_utils.dispatch_cpu_unquantized_gemm = dispatch
-    try:
-        yield
-    finally:
-        layer_utils.dispatch_cpu_unquantized_gemm = original
-
-
-# --------------------------------------------------------------------------------------------- identity
-
-
-def _identity(vllm_config: Any, model_config: Any) -> ModelIdentity:
-    import vllm
-    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
-    from vllm.platforms import current_platform
-
-    pc = vllm_config.parallel_config
-    tp_size = get_tensor_model_parallel_world_size()
-    tp_rank = get_tensor_model_parallel_rank()
-    quant = model_config.quantization or "none"
-    hf = model_config.hf_config
-    extra: dict[str, str] = {
-        "engine": f"vllm-{vllm.__version__}",
-        "arch": ",".join(getattr(hf, "architectures", None) or []),
-        "pp": f"{pc.pipeline_parallel_size}",
-        "dp": f"{pc.data_parallel_size}",
-        "ep": str(bool(getattr(pc, "enable_expert_parallel", False))),
-        "platform": str(current_platform.device_type),
-        "hf_config": _digest(_hf_config_text(hf)),
-    }
-    qcfg = getattr(hf, "quantization_config", None)
-    if qcfg is not None:
-        extra["quant_config"] = _digest(json.dumps(qcfg, sort_keys=True, default=str))
-    if current_platform.is_cpu():
-        extra["cpu_gemm"] = _cpu_gemm_features()
-    return ModelIdentity(
-        model_id=str(model_config.model),
-        revision=_revision(model_config),
-        dtype=str(model_config.dtype).removeprefix("torch."),
-        tp_rank=tp_rank,
-        tp_size=tp_size,
-        quantization=str(quant),
-        extra=tuple(sorted(extra.items())),
-    )
-
-
-def _hf_config_text(hf: Any) -> str:
-    try:
-        return str(hf.to_json_string(use_diff=False))
-    except Exception:
-        return repr(hf)
-
-
-def _cpu_gemm_features() -> str:
-    """The CPU features that pick vLLM's packed weight layout (sgl AMX, oneDNN, zentorch)."""
-    from vllm import _custom_ops as ops
-
-    feats = {
-        "amx": torch.cpu._is_amx_tile_supported(),
-        "avx512bf16": torch.cpu._is_avx512_bf16_supported(),
-        "onednn": bool(getattr(ops, "_supports_onednn", False)),
-        "zentorch": hasattr(torch.ops, "zentorch") and hasattr(torch.ops.zentorch, "zentorch_linear_unary"),
-    }
-    return ",".join(k for k, v in feats.items() if v) or "plain"
-
-
-def _revision(model_config: Any) -> str:
-    """MX_MODEL_REVISION, else vLLM's --revision, else (local directory) a digest of its config and weight
-    file headers (names, dtypes, shapes, sizes; no weight bytes are read), else "main"."""
-    from sidecar.config import Config
-
-    env = Config.from_env().model_revision
-    if env:
-        return env
-    if model_config.revision:
-        return str(model_config.revision)
-    path = Path(str(model_config.model))
-    if path.is_dir():
-        return "local-" + local_checkpoint_digest(path)
-    return "main"
-
-
-def local_checkpoint_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    for name in ("config.json", "generation_config.json", "model.safetensors.index.json"):
-        f = path / name
-        if f.is_file():
-            h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
-    for f in sorted(path.glob("*.safetensors")):
-        h.update(f.name.encode() + b"\0" + str(f.stat().st_size).encode() + b"\0")
-        with f.open("rb") as fh:
-            head = fh.read(8)
-            if len(head) == 8:
-                (n,) = struct.unpack("<Q", head)
-                if n <= 100 << 20:
-                    h.update(fh.read(n))
-    for f in sorted(path.glob("*.bin")) + sorted(path.glob("*.pt")):
-        h.update(f.name.encode() + b"\0" + str(f.stat().st_size).encode() + b"\0")
-    return h.hexdigest()[:16]
-
-
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,10 +1,5 @@
-"""Files through the hook protocol: a publisher holds a directory's files in memory and serves them, a target with
-no files rebuilds the directory byte for byte from a live publisher.
-
-Each rank is an ordinary engine rank to the sidecar: its "tensors" are the exact bytes of its files (one uint8 1-D
-tensor per file, header included, never re-serialised), in POSIX shared memory on CPU and in GPU memory (CUDA IPC)
-on GPU, named `<path>@sha256:<digest>` (runtime_hooks/files/layout.py). The sidecar beside each process does the
-rest exactly as for vLLM: roles, NIXL, checksums, publication.
+"""Files through the hook protocol, target side: a receiver with no files rebuilds a directory byte for byte from
+a live publisher (runtime_hooks/files/publisher.py).
 
 Target flow: read the source's record from Redis (`read_source_records`, the one place that reads records), rebuild
 the layout and fingerprint from it, allocate buffers of those sizes, run the normal hook flow (the sidecar picks the
@@ -20,18 +15,18 @@ import hashlib
 import logging
 import os
 import shutil
-import threading
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from runtime_hooks.base import Outcome, RankHook
 from runtime_hooks.exposure import ModelIdentity
+from runtime_hooks.files.buffers import alloc_file_buffer, host_chunks, resolve_devices, usable_mem_types
+from runtime_hooks.files.errors import FilesError, SidecarVanished, SourceNotFound, TransferFailed
 from runtime_hooks.files.layout import FileSpec, LayoutError, SourceLayout, files_identity, layout_from_record
+from runtime_hooks.files.ranks import close_hooks, run_hooks
+from runtime_hooks.hook import RankHook
 from sidecar.config import Config
 from sidecar.contract.auth import Keyring
 from sidecar.contract.messages import SourceRecord
@@ -41,294 +36,11 @@ from sidecar.redis_client import connect as connect_redis
 
 log = logging.getLogger("mx.files")
 
-CHUNK = 64 << 20
 STAGING_PREFIX = ".mx-incoming-"
 _QUARANTINE: list[dict[str, torch.Tensor]] = []  # buffers a vanished sidecar may still write: never freed
 
-__all__ = ["FilePublisher", "FileReceiver", "FilesError", "ReceiveResult", "SourceNotFound", "TransferFailed",
-           "read_source_records", "wait_for_source"]
-
-
-def _close_hooks(hooks: list[RankHook]) -> None:
-    """Close every rank's hook, then give the file buffers' GPU memory back (publisher and receiver alike)."""
-    for h in hooks:
-        h.close()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-class FilesError(RuntimeError):
-    """A file-level publication or receive that cannot go on; the message says what to do."""
-
-
-class SourceNotFound(FilesError, TimeoutError):
-    """No live source of the model (within the timeout, or it vanished before the sidecar could use it)."""
-
-
-class TransferFailed(FilesError):
-    """The bytes did not arrive verified; nothing was written to the destination."""
-
-
-# ------------------------------------------------------------------------------------------------ memory
-
-
-def alloc_file_buffer(size: int, device: str) -> torch.Tensor:
-    """A uint8 buffer for one file: in POSIX shared memory on CPU (moved there before any byte is written, so the
-    hook never copies it again), in GPU memory otherwise."""
-    if torch.device(device).type == "cpu" and size:
-        # A fresh shared-memory storage (no copy of an uninitialised buffer: 2-3x faster than share-after-alloc).
-        storage = torch.UntypedStorage._new_using_filename_cpu(size)  # type: ignore[attr-defined]
-        return torch.empty(0, dtype=torch.uint8).set_(storage)
-    return torch.empty(size, dtype=torch.uint8, device=device)
-
-
-def host_chunks(t: torch.Tensor, chunk: int = CHUNK) -> Iterator[memoryview]:
-    """The buffer's bytes in order, as host memory: views of the buffer itself on CPU, a pinned bounce buffer on GPU."""
-    n = t.numel()
-    if t.device.type == "cpu":
-        mv = t.numpy().data.cast("B")
-        for off in range(0, n, chunk):
-            yield mv[off:off + chunk]
-        return
-    bounce = torch.empty(min(chunk, max(n, 1)), dtype=torch.uint8, pin_memory=True)
-    bmv = bounce.numpy().data.cast("B")
-    for off in range(0, n, chunk):
-        k = min(chunk, n - off)
-        bounce[:k].copy_(t[off:off + k])  # synchronous: the bytes are on the host when copy_ returns
-        yield bmv[:k]
-
-
-def read_file_into(path: Path, t: torch.Tensor, chunk: int = CHUNK) -> str:
-    """Read `path` into `t` (exactly t.numel() bytes) and return its SHA-256, in one pass over the file."""
-    h = hashlib.sha256()
-    n = t.numel()
-    with open(path, "rb", buffering=0) as f:
-        if t.device.type == "cpu":
-            mv = t.numpy().data.cast("B")
-            off = 0
-            while off < n:
-                k = f.readinto(mv[off:off + chunk])
-                if not k:
-                    raise LayoutError(f"{path} shrank while it was read ({off} of {n} bytes)")
-                h.update(mv[off:off + k])
-                off += k
-        else:
-            bounce = torch.empty(min(chunk, max(n, 1)), dtype=torch.uint8, pin_memory=True)
-            bmv = bounce.numpy().data.cast("B")
-            off = 0
-            while off < n:
-                k = f.readinto(bmv[:min(chunk, n - off)])
-                if not k:
-                    raise LayoutError(f"{path} shrank while it was read ({off} of {n} bytes)")
-                h.update(bmv[:k])
-                t[off:off + k].copy_(bounce[:k])
-                off += k
-        if f.read(1):
-            raise LayoutError(f"{path} grew while it was read (more than {n} bytes)")
-    return h.hexdigest()
-
-
-def digest_of(t: torch.Tensor) -> str:
-    h = hashlib.sha256()
-    for mv in host_chunks(t):
-        h.update(mv)
-    return h.hexdigest()
-
-
-def resolve_devices(setting: str, ranks: int, source_mem_type: str | None = None) -> list[str]:
-    """One device per rank from MX_TRTLLM_DEVICES. `auto`: a publisher uses its GPUs if it has any; a target uses the
-    memory kind its source serves from (part of the fingerprint)."""
-    n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if setting == "auto":
-        want_gpu = n_gpu > 0 if source_mem_type is None else source_mem_type == "VRAM"
-        setting = "cuda" if want_gpu else "cpu"
-    if setting == "cpu":
-        return ["cpu"] * ranks
-    if setting == "cuda":
-        if not n_gpu:
-            raise FilesError("MX_TRTLLM_DEVICES asks for CUDA (or the source serves from GPU memory) but this process "
-                             "sees no CUDA device")
-        return [f"cuda:{r % n_gpu}" for r in range(ranks)]
-    listed = setting.split(",")
-    return [listed[r % len(listed)] for r in range(ranks)]
-
-
-def usable_mem_types(setting: str) -> set[str]:
-    """Source memory kinds a target with this MX_TRTLLM_DEVICES can receive from (the fingerprint has the kind)."""
-    if all(x == "cpu" for x in setting.split(",")):
-        return {"DRAM"}
-    if setting == "auto":
-        return {"DRAM", "VRAM"} if torch.cuda.is_available() and torch.cuda.device_count() else {"DRAM"}
-    return {"VRAM"}
-
-
-# ------------------------------------------------------------------------------------------------ source side
-
-
-class FileSourceAdapter:
-    """EngineAdapter of a publisher rank: the files are read (and hashed) before the hook exists, so the fingerprint
-    carries their digests. `load_from_storage` is then a no-op, unless a receive overwrote the buffers."""
-
-    def __init__(self, root: Path, identity: ModelIdentity, specs: list[FileSpec],
-                 tensors: dict[str, torch.Tensor]) -> None:
-        self._root = root
-        self._identity = identity
-        self._specs = specs
-        self._tensors = tensors
-        self._touched = False
-
-    @classmethod
-    def load(cls, root: Path, model: str, form: str, rank: int, ranks: int, paths: list[str],
-             device: str) -> FileSourceAdapter:
-        specs: list[FileSpec] = []
-        tensors: dict[str, torch.Tensor] = {}
-        for p in paths:
-            f = root / p
-            t = alloc_file_buffer(f.stat().st_size, device)
-            spec = FileSpec(p, t.numel(), read_file_into(f, t))
-            specs.append(spec)
-            tensors[spec.entry_name] = t
-        return cls(root, files_identity(model, form, rank, ranks), specs, tensors)
-
-    @property
-    def specs(self) -> list[FileSpec]:
-        return self._specs
-
-    def identity(self) -> ModelIdentity:
-        return self._identity
-
-    def discover_tensors(self) -> dict[str, torch.Tensor]:
-        return dict(self._tensors)
-
-    def prepare_target(self) -> None:
-        """Another publisher of the same files is live: the sidecar overwrites ours with its (equal) bytes."""
-        self._touched = True
-
-    def load_from_storage(self) -> None:
-        if not self._touched:
-            return  # read and hashed at construction
-        for s in self._specs:
-            got = read_file_into(self._root / s.path, self._tensors[s.entry_name])
-            if got != s.sha256:
-                raise LayoutError(f"{self._root / s.path} changed on disk since it was published")
-        self._touched = False
-
-    def after_receive(self) -> None:
-        for s in self._specs:
-            got = digest_of(self._tensors[s.entry_name])
-            if got != s.sha256:
-                raise TransferFailed(f"{s.path}: received SHA-256 {got} != {s.sha256}")
-        self._touched = False
-
-    def reset_for_retry(self) -> None:
-        self._touched = True
-
-
-class FilePublisher:
-    """Serves a directory's files, rank by rank, through the hook protocol and the sidecar beside this process.
-
-    `initialize()` reads every file into memory (one thread per rank), starts one RankHook per rank and returns when
-    the sidecar has given every rank its verdict; the files are then served until `shutdown()`.
-    """
-
-    def __init__(self, root: str | os.PathLike[str], model_name: str, form: str, plan: list[list[str]],
-                 devices: list[str], config: Config | None = None) -> None:
-        self.root = Path(root)
-        self.model_name = model_name
-        self.form = form
-        self.plan = plan
-        self.devices = devices
-        self.cfg = config or Config.from_env()
-        self.adapters: list[FileSourceAdapter] = []
-        self.hooks: list[RankHook] = []
-        self.outcomes: list[Outcome] = []
-        self.load_s = 0.0
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(s.size for a in self.adapters for s in a.specs)
-
-    def load_files(self) -> None:
-        t0 = time.monotonic()
-        n = len(self.plan)
-
-        def one(rank: int) -> FileSourceAdapter:
-            log.info("Loading rank %d files from %s onto %s", rank, self.root, self.devices[rank])
-            if self.devices[rank].startswith("cuda"):
-                torch.cuda.set_device(self.devices[rank])
-            a = FileSourceAdapter.load(self.root, self.model_name, self.form, rank, n, self.plan[rank],
-                                       self.devices[rank])
-            log.info("Rank %d: %d files, %.2f GB", rank, len(a.specs), sum(s.size for s in a.specs) / 1e9)
-            return a
-
-        with ThreadPoolExecutor(n, thread_name_prefix="mx-files-load") as pool:
-            self.adapters = list(pool.map(one, range(n)))
-        self.load_s = time.monotonic() - t0
-        log.info("Total: %.2f GB across %d ranks, read and hashed in %.2fs", self.total_bytes / 1e9, n, self.load_s)
-
-    def initialize(self, sidecar_timeout: float | None = None) -> list[Outcome]:
-        if not self.adapters:
-            self.load_files()
-        self.hooks = [RankHook(a, config=self.cfg) for a in self.adapters]
-        self.outcomes = _run_hooks(self.hooks, self.devices, sidecar_timeout)
-        if any(o == "loaded_without_sidecar" for o in self.outcomes):
-            log.warning("no sidecar answered: the files are held but nobody serves them (start `mx-sidecar run` with "
-                        "the same MX_ZMQ_ADDRESS)")
-        return self.outcomes
-
-    def shutdown(self) -> None:
-        _close_hooks(self.hooks)
-        self.hooks, self.adapters = [], []
-
-
-class SidecarVanished(FilesError):
-    """The sidecar session that was writing a rank went silent and no new sidecar took the rank over."""
-
-
-def _run_hooks(hooks: list[RankHook], devices: list[str], sidecar_timeout: float | None,
-               orphan_grace: float | None = None) -> list[Outcome]:
-    """Block every rank until its verdict, one engine thread per rank (adapter calls run on it).
-
-    With `orphan_grace`, a rank whose writing session stayed silent (RankHook.orphaned) for that long after the
-    hook's own timeout ends the wait with SidecarVanished (an engine would stay blocked for a new sidecar; a files
-    target has nothing to protect but buffers the caller must then never reuse)."""
-    outcomes: list[Outcome | None] = [None] * len(hooks)
-    errors: list[BaseException | None] = [None] * len(hooks)
-
-    def run(rank: int) -> None:
-        try:
-            if devices[rank].startswith("cuda"):
-                torch.cuda.set_device(devices[rank])
-            outcomes[rank] = hooks[rank].run_until_ready(sidecar_timeout)
-        except BaseException as e:
-            errors[rank] = e
-
-    threads = [threading.Thread(target=run, args=(r,), name=f"mx-files-rank{r}") for r in range(len(hooks))]
-    for t in threads:
-        t.start()
-    orphaned_since: float | None = None
-    while any(t.is_alive() for t in threads):
-        threads[[t.is_alive() for t in threads].index(True)].join(0.5)
-        if orphan_grace is None:
-            continue
-        if not any(h.orphaned() for h in hooks):
-            orphaned_since = None
-        elif orphaned_since is None:
-            orphaned_since = time.monotonic()
-        elif time.monotonic() - orphaned_since >= orphan_grace:
-            for h in hooks:
-                h.close()  # run_until_ready raises "hook closed" in every waiting rank
-            for t in threads:
-                t.join()
-            raise SidecarVanished("the sidecar beside this loader went silent mid-transfer and no new sidecar took "
-                                  "over; nothing was written")
-    failed = [e for e in errors if e is not None]
-    if failed:
-        raise failed[0]
-    return [o for o in outcomes if o is not None]
-
-
-# ------------------------------------------------------------------------------------------------ records
+__all__ = ["FileReceiver", "FileTargetAdapter", "RankStats", "ReceiveResult", "layouts_of", "read_source_records",
+           "wait_for_source"]
 
 
 async def read_source_records(coord: Coordinator, model: str) -> list[SourceRecord]:
@@ -421,9 +133,6 @@ async def _wait_for_source(cfg: Config, model: str, timeout: float, mem_types: s
             await asyncio.sleep(min(cfg.poll_interval * 4, max(timeout - (now - t0), 0.01)))
     finally:
         await coord.close()
-
-
-# ------------------------------------------------------------------------------------------------ target side
 
 
 class FileTargetAdapter:
@@ -558,7 +267,7 @@ class FileReceiver:
                 log.info("Receiving rank %d: %d tensors", r, len(specs))
             self.hooks = [RankHook(a, config=self.cfg) for a in self.adapters]
             try:
-                outcomes = _run_hooks(self.hooks, devices, sidecar_timeout,
+                outcomes = run_hooks(self.hooks, devices, sidecar_timeout,
                                       orphan_grace=sidecar_timeout or self.cfg.sidecar_timeout)
             except SidecarVanished as e:
                 # Its READs may still land: these buffers stay allocated, never reused, while this process lives.
@@ -630,5 +339,5 @@ class FileReceiver:
 
     def shutdown(self) -> None:
         """Stop serving the received files (the hooks close; the sidecar withdraws once it notices)."""
-        _close_hooks(self.hooks)
+        close_hooks(self.hooks)
         self.hooks, self.adapters = [], []

@@ -3,38 +3,30 @@
 It binds the rank's ZMQ socket, answers the sidecar from a background thread, and blocks the engine
 in `run_until_ready` until the sidecar's verdict: load from storage (source) or weights ready
 (target). Adapter calls (load, prepare, refresh) run on the engine's own thread, never on the
-socket thread. Nothing here imports a transfer library: all of that lives in the sidecar.
+socket thread (runtime_hooks.hook_server owns the socket and that thread). Nothing here imports a transfer
+library: all of that lives in the sidecar.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
-import uuid
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal
 
 import msgspec
 import torch
-import zmq
 
+from runtime_hooks.adapter import EngineAdapter
 from runtime_hooks.exposure import ModelIdentity, build_manifest, compute_fingerprint, share_cpu_storages
-from runtime_hooks.socket_guard import UnsafeSocketError, bind_hook_socket
+from runtime_hooks.hook_server import HookServer
+from runtime_hooks.socket_guard import UnsafeSocketError
 from sidecar.config import Config, rank_address
 from sidecar.contract.auth import Keyring
-from sidecar.contract.messages import (
-    PROTOCOL_VERSION,
-    Manifest,
-    ProtocolError,
-    Reply,
-    Request,
-    State,
-    decode_request,
-    encode,
-)
+from sidecar.contract.codec import PROTOCOL_VERSION, ProtocolError, decode
+from sidecar.contract.messages import Manifest, Reply, Request, State
 from sidecar.contract.session import WRITABLE, RankSession
 
 log = logging.getLogger("mx.hook")
@@ -42,32 +34,6 @@ log = logging.getLogger("mx.hook")
 Outcome = Literal["received", "loaded", "loaded_without_sidecar"]
 
 __all__ = ["EngineAdapter", "HookError", "ModelIdentity", "Outcome", "RankHook"]
-
-
-class EngineAdapter(Protocol):
-    """The one seam an engine implements. Every method runs on the engine's thread."""
-
-    def identity(self) -> ModelIdentity: ...
-
-    def discover_tensors(self) -> dict[str, torch.Tensor]:
-        """Every tensor the engine holds now (parameters, buffers, tensor attributes ...)."""
-        ...
-
-    def prepare_target(self) -> None:
-        """Target: bring dummy weights into the final layout (the same post-processing a source runs)."""
-        ...
-
-    def load_from_storage(self) -> None:
-        """Source, or fallback: read real weights from storage and post-process them."""
-        ...
-
-    def after_receive(self) -> None:
-        """The bytes landed and were verified: refresh host-side copies derived from them."""
-        ...
-
-    def reset_for_retry(self) -> None:
-        """A receive failed; `load_from_storage` comes next on possibly half-written tensors."""
-        ...
 
 
 class HookError(RuntimeError):
@@ -101,24 +67,11 @@ class RankHook:
             self._offer_provisional_handles(tensors)  # no side effect on GPU: the sidecar may map them at connect
         self._used_ids: dict[str, set[int]] = {}
         self._commands: queue.Queue[_Command | None] = queue.Queue()
-        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-        # Unique per hook: id(self) was reused by a hook whose construction failed, whose inproc name stayed bound.
-        self._wake_addr = f"inproc://mx-hook-wake-{uuid.uuid4().hex}"
-        self._replies: queue.Queue[tuple[bytes, Reply]] = queue.Queue()
-        self._wake_recv = self._ctx.socket(zmq.PULL)
-        self._wake_recv.bind(self._wake_addr)
-        self._wake_send = self._ctx.socket(zmq.PUSH)
-        self._wake_send.connect(self._wake_addr)
-        self._wake_lock = threading.Lock()
         try:
-            self._sock = self._bind()
-        except BaseException:
-            self._wake_send.close(0)
-            self._wake_recv.close(0)
-            raise
-        self._closed = False
-        self._thread = threading.Thread(target=self._serve, name=f"mx-hook-{self.rank}", daemon=True)
-        self._thread.start()
+            self._server = HookServer(self.address, self._cfg, self._handle, f"mx-hook-{self.rank}")
+        except UnsafeSocketError as e:
+            raise HookError(str(e)) from None
+        self._server.start()
         log.info("rank %d: hook listening on %s (fingerprint %s, commands %s)", self.rank, self.address,
                  self._fingerprint[:12], "authenticated" if self._keys.enabled else "UNAUTHENTICATED")
 
@@ -276,10 +229,7 @@ class RankHook:
             self._manifest = manifest
 
     def _post(self, ident: bytes, reply: Reply) -> None:
-        self._replies.put((ident, reply))
-        with self._wake_lock:
-            if not self._closed:
-                self._wake_send.send(b"")
+        self._server.post(ident, reply)
 
     def _reply_ok(self, cmd: _Command) -> None:
         self._post(cmd.identity, self._make_reply(cmd.request.id, True))
@@ -296,59 +246,28 @@ class RankHook:
 
     # ---------------------------------------------------------------- socket thread
 
-    def _bind(self) -> zmq.Socket:
-        sock = self._ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, self._cfg.max_message_bytes)
-        try:  # ipc only (unless allowed), in a private directory, socket 0600: see socket_guard
-            bind_hook_socket(sock, self.address, self._cfg.allow_tcp_hook)
-        except UnsafeSocketError as e:
-            sock.close(0)
-            raise HookError(str(e)) from None
-        return sock
-
-    def _serve(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
-        poller.register(self._wake_recv, zmq.POLLIN)
-        while not self._closed:
-            events = dict(poller.poll())
-            if self._wake_recv in events:
-                self._wake_recv.recv()
-                while not self._replies.empty():
-                    ident, reply = self._replies.get_nowait()
-                    self._sock.send_multipart([ident, encode(reply)])
-            if self._sock in events:
-                frames = self._sock.recv_multipart()
-                self._handle(frames)
-        self._sock.close(0)
-        self._wake_recv.close(0)
-
-    def _handle(self, frames: list[bytes]) -> None:
-        ident = frames[0]
+    def _handle(self, ident: bytes, frames: list[bytes]) -> Reply | None:
+        """A request, on the socket thread: the reply to send now, or None when the engine thread will answer."""
         if len(frames) != 2:
-            self._sock.send_multipart([ident, encode(Reply(PROTOCOL_VERSION, 0, False, error="expected one frame"))])
-            return
+            return Reply(PROTOCOL_VERSION, 0, False, error="expected one frame")
         try:
-            req = decode_request(frames[1], self._cfg.max_message_bytes)
+            req = decode(Request, frames[1], self._cfg.max_message_bytes)
             self._keys.check_msg("hook", req, f"{req.op} request")
             self._check_fresh_id(req)
         except ProtocolError as e:
             log.warning("rank %d: rejected message: %s", self.rank, e)
-            self._sock.send_multipart([ident, encode(Reply(PROTOCOL_VERSION, 0, False, "unknown", str(e)))])
-            return
+            return Reply(PROTOCOL_VERSION, 0, False, "unknown", str(e))
         if req.op in ("ping", "describe"):
             with self._lock:
                 self._session.contact(req.session)
-            self._sock.send_multipart([ident, encode(self._make_reply(req.id, True))])
-            return
+            return self._make_reply(req.id, True)
         with self._lock:
             why = self._session.refusal(req.op, req.session)
         if why:
-            self._sock.send_multipart([ident, encode(self._make_reply(req.id, False, why, with_manifest=False))])
-        else:
-            # Queued even before the engine reaches run_until_ready; it drains them there.
-            self._commands.put(_Command(ident, req))
+            return self._make_reply(req.id, False, why, with_manifest=False)
+        # Queued even before the engine reaches run_until_ready; it drains them there.
+        self._commands.put(_Command(ident, req))
+        return None
 
     def _check_fresh_id(self, req: Request) -> None:
         """With a key, a recorded engine command cannot be replayed: ids are used once per session."""
@@ -360,16 +279,7 @@ class RankHook:
         used.add(req.id)
 
     def close(self) -> None:
-        with self._wake_lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._wake_send.send(b"")
-            self._wake_send.close(0)
+        if not self._server.stop():
+            return
         self._commands.put(None)
-        self._thread.join(timeout=5)
-        if self.address.startswith("ipc://"):
-            try:
-                os.unlink(self.address.removeprefix("ipc://"))
-            except FileNotFoundError:
-                pass
+        self._server.join()

@@ -1,0 +1,223 @@
+"""The vLLM worker's `EngineAdapter`: every step is vLLM's own code (loaders, post-processing), plus what names the
+loaded model (`model_identity`) and the CPU GEMM handling that keeps post-processed weights exposable.
+
+This module imports vLLM only inside functions: it is importable (and type-checks) without vLLM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from runtime_hooks.discovery import closure_items, discover_tensors
+from runtime_hooks.exposure import ModelIdentity
+from runtime_hooks.identity import checkpoint_revision, config_text, digest, json_digest
+
+log = logging.getLogger("mx.vllm")
+
+__all__ = ["VllmAdapter", "exposable_cpu_gemm", "forget_model_layers", "model_identity"]
+
+
+class VllmAdapter:
+    """`EngineAdapter` for one vLLM worker: every step is vLLM's own code (loaders, post-processing)."""
+
+    def __init__(
+        self,
+        build: Callable[[], torch.nn.Module],
+        vllm_config: Any,
+        model_config: Any,
+        storage_loader: Any,
+        device: torch.device,
+    ) -> None:
+        self._build = build
+        self.vllm_config = vllm_config
+        self.model_config = model_config
+        self.storage_loader = storage_loader
+        self.device = device
+        self.model = build()
+        self._processed = False
+        self._cpu_rebuild: list[torch.nn.Module] = []  # layers whose CPU GEMM state is opaque (see below)
+        # Before any load: post-processing may mutate hf_config (quantization_config), which would change the hash.
+        self._identity = model_identity(vllm_config, model_config)
+        self.rank = self._identity.tp_rank
+
+    # -- EngineAdapter
+
+    def identity(self) -> ModelIdentity:
+        return self._identity
+
+    def discover_tensors(self) -> dict[str, torch.Tensor]:
+        return discover_tensors(self.model, self.device.type)
+
+    @torch.no_grad()
+    def load_from_storage(self) -> None:
+        if self._processed:  # post-processing is not reversible in general: start from a fresh model
+            self._rebuild()
+        t0 = time.monotonic()
+        self.storage_loader.load_weights(self.model, self.model_config)
+        self._post_process()
+        log.info("mx: rank %d loaded from storage and post-processed in %.2fs", self.rank, time.monotonic() - t0)
+
+    @torch.no_grad()
+    def prepare_target(self) -> None:
+        from vllm.config.load import LoadConfig
+        from vllm.model_executor.model_loader.dummy_loader import DummyModelLoader
+
+        t0 = time.monotonic()
+        DummyModelLoader(LoadConfig(load_format="dummy")).load_weights(self.model, self.model_config)
+        self._post_process()
+        log.info("mx: rank %d target prepared (dummy weights, post-processed) in %.2fs", self.rank,
+                 time.monotonic() - t0)
+
+    @torch.no_grad()
+    def after_receive(self) -> None:
+        """Rebuild state that vLLM derived from weights into places we cannot expose (opaque kernel handles)."""
+        from vllm.model_executor.layers import utils as layer_utils
+
+        dispatch = layer_utils.dispatch_cpu_unquantized_gemm
+        rebuild = getattr(dispatch, "_mx_original", dispatch)
+        for layer in self._cpu_rebuild:
+            rebuild(layer, remove_weight=False)
+        if self._cpu_rebuild:
+            log.info("mx: rank %d rebuilt %d CPU GEMM handles from received weights", self.rank, len(self._cpu_rebuild))
+
+    def reset_for_retry(self) -> None:
+        """A receive failed; load_from_storage will start from a freshly built model."""
+        self._rebuild()
+
+    # -- internals
+
+    def _rebuild(self) -> None:
+        forget_model_layers(self.vllm_config, self.model)
+        self.model = None  # type: ignore[assignment]
+        self._cpu_rebuild = []
+        gc.collect()
+        self.model = self._build()
+        self._processed = False
+
+    def _post_process(self) -> None:
+        """What vLLM's `BaseModelLoader.load_model` runs after `load_weights`, in the same order."""
+        from vllm.model_executor.model_loader import base_loader
+        from vllm.model_executor.model_loader.utils import process_weights_after_loading
+
+        gc.collect()
+        torch.accelerator.empty_cache()
+        has_online_quant = getattr(base_loader, "_has_online_quant", None)
+        if has_online_quant is not None and has_online_quant(self.model):
+            from vllm.model_executor.model_loader.reload import finalize_layerwise_processing
+
+            finalize_layerwise_processing(self.model, self.model_config)
+        with exposable_cpu_gemm(self._cpu_rebuild):
+            process_weights_after_loading(self.model, self.model_config, self.device)
+        gc.collect()
+        torch.accelerator.empty_cache()
+        self._processed = True
+
+
+def forget_model_layers(vllm_config: Any, model: torch.nn.Module | None) -> int:
+    """Unregister `model`'s layers from vLLM's per-config layer registry (attention layers register by name
+    and refuse a duplicate), so that a fresh model can be built in this process. Returns how many."""
+    if model is None:
+        return 0
+    ctx = vllm_config.compilation_config.static_forward_context
+    ours = {id(m) for m in model.modules()}
+    names = [k for k, v in ctx.items() if id(v) in ours]
+    for k in names:
+        del ctx[k]
+    return len(names)
+
+
+
+@contextlib.contextmanager
+def exposable_cpu_gemm(opaque_layers: list[torch.nn.Module]) -> Iterator[None]:
+    """vLLM CPU packs linear weights at post-processing time (layers/utils.py `dispatch_cpu_unquantized_gemm`):
+    oneDNN keeps the packed copy inside a C++ handle nobody can map, and `remove_weight=True` then frees the
+    plain weight. Within this context, a layer whose packed form is such an opaque handle keeps its plain
+    weight (exposed and transferred) and is listed in `opaque_layers` so that `after_receive` rebuilds its
+    handle from the received bytes. Packed forms held in tensors (sgl/zentorch closures) are exposed as they
+    are and vLLM's weight removal applies unchanged. Without a CPU platform this changes nothing.
+    """
+    from vllm.model_executor.layers import utils as layer_utils
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        yield
+        return
+    original = layer_utils.dispatch_cpu_unquantized_gemm
+
+    def dispatch(layer: torch.nn.Module, remove_weight: bool) -> None:
+        original(layer, remove_weight=False)
+        fn = getattr(layer, "cpu_linear", None)
+        items = closure_items(fn) if fn is not None else []
+        if not items:
+            return  # plain torch linear on the layer's own weight: nothing derived
+        if any(isinstance(v, torch.Tensor) for _, v in items):
+            if remove_weight:  # what vLLM does after packing into a tensor we expose
+                w: torch.Tensor = layer.weight  # type: ignore[assignment]
+                layer.weight = torch.nn.Parameter(torch.empty(0, dtype=w.dtype, device=w.device), requires_grad=False)
+            return
+        opaque_layers.append(layer)
+
+    dispatch._mx_original = original  # type: ignore[attr-defined]
+    layer_utils.dispatch_cpu_unquantized_gemm = dispatch
+    try:
+        yield
+    finally:
+        layer_utils.dispatch_cpu_unquantized_gemm = original
+
+
+
+def model_identity(vllm_config: Any, model_config: Any) -> ModelIdentity:
+    """What this worker loads, as vLLM configured it: the sidecar copies only between equal identities."""
+    import vllm
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+    from vllm.platforms import current_platform
+
+    pc = vllm_config.parallel_config
+    tp_size = get_tensor_model_parallel_world_size()
+    tp_rank = get_tensor_model_parallel_rank()
+    quant = model_config.quantization or "none"
+    hf = model_config.hf_config
+    extra: dict[str, str] = {
+        "engine": f"vllm-{vllm.__version__}",
+        "arch": ",".join(getattr(hf, "architectures", None) or []),
+        "pp": f"{pc.pipeline_parallel_size}",
+        "dp": f"{pc.data_parallel_size}",
+        "ep": str(bool(getattr(pc, "enable_expert_parallel", False))),
+        "platform": str(current_platform.device_type),
+        "hf_config": digest(config_text(hf)),
+    }
+    qcfg = getattr(hf, "quantization_config", None)
+    if qcfg is not None:
+        extra["quant_config"] = json_digest(qcfg)
+    if current_platform.is_cpu():
+        extra["cpu_gemm"] = _cpu_gemm_features()
+    return ModelIdentity(
+        model_id=str(model_config.model),
+        revision=checkpoint_revision(str(model_config.model), model_config.revision),
+        dtype=str(model_config.dtype).removeprefix("torch."),
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+        quantization=str(quant),
+        extra=tuple(sorted(extra.items())),
+    )
+
+
+def _cpu_gemm_features() -> str:
+    """The CPU features that pick vLLM's packed weight layout (sgl AMX, oneDNN, zentorch)."""
+    from vllm import _custom_ops as ops
+
+    feats = {
+        "amx": torch.cpu._is_amx_tile_supported(),
+        "avx512bf16": torch.cpu._is_avx512_bf16_supported(),
+        "onednn": bool(getattr(ops, "_supports_onednn", False)),
+        "zentorch": hasattr(torch.ops, "zentorch") and hasattr(torch.ops.zentorch, "zentorch_linear_unary"),
+    }
+    return ",".join(k for k, v in feats.items() if v) or "plain"
+

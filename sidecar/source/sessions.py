@@ -1,0 +1,110 @@
+"""Reader sessions on the source: one per (reader, Hello), from Welcome to the end of the reader's READs.
+
+A session looks up the reader's agent metadata in Redis (bounded size), checks the layout digest, answers
+Welcome, and then either (direct) stays attentive while the reader READs engine memory, or (staged) runs
+the staging ring's pass for this reader (sidecar.source.ring).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sidecar.config import Config
+from sidecar.contract.messages import MAX_HELLO_AGE_S, PROTOCOL_VERSION, Hello, ProtocolError, Ready, Welcome
+from sidecar.coordinator import Coordinator
+from sidecar.errors import CoordinatorUnavailable
+from sidecar.memory.rank_memory import RankMemory
+from sidecar.metrics import Metrics
+from sidecar.transport import Transport
+
+log = logging.getLogger("mx.serving")
+
+Send = Callable[[Transport, str, Welcome | Ready], None]
+
+
+@dataclass
+class ReaderSession:
+    hello: Hello
+    peer: str
+    done: asyncio.Queue[int] = field(default_factory=asyncio.Queue)
+    bye: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class HelloGuard:
+    """Replay protection: a Hello must be fresh and its session id not seen recently."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, float] = {}  # Hello session ids seen recently -> expiry
+
+    def check(self, msg: Hello) -> str:
+        """'' if the Hello may start a session, else why not."""
+        now = time.time()
+        self._seen = {k: exp for k, exp in self._seen.items() if exp > now}
+        if abs(now - msg.ts) > MAX_HELLO_AGE_S:
+            return f"Hello is {now - msg.ts:.0f}s old (replayed or clock skew > {MAX_HELLO_AGE_S:.0f}s)"
+        if msg.session in self._seen:
+            return "Hello of a session already seen (replayed)"
+        if len(self._seen) > 100_000:
+            return "too many recent sessions"
+        self._seen[msg.session] = now + 2 * MAX_HELLO_AGE_S
+        return ""
+
+
+async def serve_reader(s: ReaderSession, rank: RankMemory | None, *, cfg: Config, model: str,
+                       coord: Coordinator | None, metrics: Metrics, send: Send, forget: Callable[[], None]) -> None:
+    """Serve one reader to the end; `forget` drops the session from the server's table before it is counted."""
+    result = "ok"
+    peer_name: str | None = None
+    transport = rank.transport if rank else None
+    try:
+        if rank is None or transport is None:
+            raise ProtocolError(f"this replica does not serve rank {s.hello.rank} (yet)")
+        if coord is None:
+            raise ProtocolError("no Redis: cannot look up the reader's metadata")
+        meta = await coord.get_agent(s.hello.reader)
+        try:
+            peer_name = transport.add_peer(meta, s.peer)
+        except ValueError as e:
+            raise ProtocolError(str(e)) from None
+        if s.hello.layout_digest != rank.manifest.layout_digest:
+            raise ProtocolError("layout digest differs from this source's")
+        if rank.ring is None:
+            # Direct: the reader's READs need no work here over CMA/RDMA; the idle pump still drives
+            # UCX's progress for transports that need it. Polling tightly here measured slower on 2 cores.
+            send(transport, s.peer, Welcome(PROTOCOL_VERSION, s.hello.session, True))
+            await asyncio.wait_for(s.bye.wait(), cfg.transfer_timeout)
+        else:
+            ring, tx = rank.ring, transport
+
+            def announce(chunk: int, slot: int) -> None:
+                send(tx, s.peer, Ready(PROTOCOL_VERSION, s.hello.session, chunk, slot))
+
+            with transport.busy():
+                async with ring.lock:
+                    send(transport, s.peer, Welcome(PROTOCOL_VERSION, s.hello.session, True))
+                    await ring.run_pass(rank.rank, rank.manifest.tensors, rank.entry_addrs, s.done, s.bye,
+                                        announce, cfg.stall_timeout)
+        log.info("[model=%s role=source rank=%d peer=%s] served a reader", model, rank.rank, s.peer)
+    except asyncio.CancelledError:
+        result = "withdrawn"
+        raise
+    except (ProtocolError, CoordinatorUnavailable) as e:
+        result = "refused"
+        log.warning("[model=%s role=source peer=%s] refused reader: %s", model, s.peer, e)
+        if transport is not None and peer_name == s.peer:
+            send(transport, s.peer, Welcome(PROTOCOL_VERSION, s.hello.session, False, str(e)))
+    except TimeoutError:
+        result = "timeout"
+        log.warning("[model=%s role=source peer=%s] reader stalled; session dropped", model, s.peer)
+    except Exception as e:  # a dead reader (NIXL_ERR_REMOTE_DISCONNECT) must not take the source down
+        result = "error"
+        log.warning("[model=%s role=source peer=%s] session failed: %s", model, s.peer, e)
+    finally:
+        forget()
+        if transport is not None and peer_name is not None:
+            transport.remove_peer(peer_name)
+        metrics.serve_sessions.labels(model, result).inc()
