@@ -238,7 +238,7 @@ class Coordinator:
     async def sources_of_model(self, model: str) -> list[Candidate]:
         """Fresh sources of every fingerprint whose record names `model`. Read-only.
 
-        For file-level targets (runtime_hooks/files/publish.py), which learn the fingerprint from the source's
+        For file-level targets (runtime_hooks/files/receiver.py), which learn the fingerprint from the source's
         record. A SCAN over `P:*:src:*`: fine for tens of models; a `P:model:M` index would make it O(1).
         """
         out: list[Candidate] = []

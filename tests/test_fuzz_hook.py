@@ -182,7 +182,7 @@ def _engine_changing(frame: bytes) -> bool:
 
 @budget(2500)
 @given(frame=garbage)
-# Found by this test, before protocol.py caught them: a map key that is not UTF-8 (UnicodeDecodeError) and deep nesting
+# Found by this test, before the codec caught them: a map key that is not UTF-8 (UnicodeDecodeError) and deep nesting
 # inside a skipped field (RecursionError) escaped the decoder and killed the hook's socket thread.
 @example(frame=b"\x83\xa1v\x01\xa2\x00\x80\x00\xa2\x00\x00\xa4\x00\x00\x00\x00")
 @example(frame=b"\x84\xa1v\x01\xa2id\x07\xa2op\xa4ping\xa1x" + b"\x91" * 100_000 + b"\xc0")
