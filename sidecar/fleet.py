@@ -1,4 +1,4 @@
-"""`mx-sidecar status`: the fleet as Redis sees it, read through the key layout of sidecar/coordinator.py.
+"""`mx-sidecar status`: the fleet as Redis sees it, read through the key layout of sidecar/redis_keys.py.
 
 Per model: its fingerprints, the live sources (node, ranks, mode, readers, age, last heartbeat, authenticated),
 the seeding leases and the targets in flight (readers counted on each source). Read-only: it never writes Redis.
