@@ -104,15 +104,7 @@ class Receiver:
             moved = [n for n, _ in pulled]
             await asyncio.gather(*(verify_rank(rm, by_rank[r], v, self.log)
                                    for (r, rm), (_, v) in zip(ranks.items(), pulled, strict=True)))
-            dt = time.monotonic() - t0
-            gbps = sum(moved) / 1e9 / max(dt, 1e-9)
-            self.metrics.transfer_seconds.labels(model, "target").observe(dt)
-            self.metrics.last_rate.labels(model, "target").set(gbps * 1e9)
-            self.log.info("phase=receive %.2f GB in %.2fs (%.2f GB/s), every checksum verified", sum(moved) / 1e9,
-                          dt, gbps, peer=peer)
-            if gbps < self.cfg.slow_link_gbps and sum(moved) > 256 << 20:
-                self.log.warning("transfer ran at %.2f GB/s, below MX_SLOW_LINK_GBPS=%.2f: check UCX_TLS / the "
-                                 "fabric (UCX may have fallen back to TCP)", gbps, self.cfg.slow_link_gbps)
+            self._received(sum(moved), time.monotonic() - t0, peer)
             return True
         except (FenceError, Superseded):
             result = "error"
@@ -142,6 +134,17 @@ class Receiver:
                 with contextlib.suppress(CoordinatorUnavailable):
                     await self.coord.reader_delta(self.engine.fp, peer, -1)
         return False
+
+    def _received(self, moved: int, dt: float, peer: str) -> None:
+        model = self.engine.model
+        gbps = moved / 1e9 / max(dt, 1e-9)
+        self.metrics.transfer_seconds.labels(model, "target").observe(dt)
+        self.metrics.last_rate.labels(model, "target").set(gbps * 1e9)
+        self.log.info("phase=receive %.2f GB in %.2fs (%.2f GB/s), every checksum verified", moved / 1e9, dt, gbps,
+                      peer=peer)
+        if gbps < self.cfg.slow_link_gbps and moved > 256 << 20:
+            self.log.warning("transfer ran at %.2f GB/s, below MX_SLOW_LINK_GBPS=%.2f: check UCX_TLS / the "
+                             "fabric (UCX may have fallen back to TCP)", gbps, self.cfg.slow_link_gbps)
 
     async def _pull_all(self, ranks: dict[int, RankMemory], by_rank: dict, metas: dict) -> list:  # type: ignore[type-arg]
         tasks = [asyncio.ensure_future(pull_rank(self.cfg, rm, by_rank[r], metas[by_rank[r].agent], self.router,
