@@ -8,7 +8,7 @@ closed). The daemon's exit code is looked up here by type (`exit_code`), never b
 
 from __future__ import annotations
 
-from sidecar.contract.messages import ProtocolError
+from sidecar.contract.codec import ProtocolError
 
 
 class FatalError(RuntimeError):

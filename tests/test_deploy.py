@@ -26,7 +26,8 @@ import yaml
 
 from sidecar.config import SETTINGS, Config
 from sidecar.contract.auth import Keyring
-from sidecar.contract.messages import PROTOCOL_VERSION, SourceRecord
+from sidecar.contract.codec import PROTOCOL_VERSION
+from sidecar.contract.messages import SourceRecord
 from sidecar.coordinator import Coordinator
 from sidecar.fleet import read_fleet
 from sidecar.lab.embedded_redis import server_binary

@@ -272,7 +272,7 @@ def _tamper_record(url: str, edit) -> None:  # type: ignore[no-untyped-def]
     """Rewrite the one source record in Redis (as a compromised or buggy writer could), keeping its TTL."""
     import msgspec
 
-    from sidecar.contract.messages import encode
+    from sidecar.contract.codec import encode
 
     r = redis.Redis.from_url(url)
     key = next(iter(r.scan_iter("mx:*:src:*")))
@@ -325,7 +325,8 @@ def test_a_checksum_mismatch_keeps_the_engine_blocked_and_falls_back_to_storage(
 def test_a_target_sidecar_stopped_mid_receive_voids_the_bytes_and_the_engine_waits_again(replicas):
     import zmq
 
-    from sidecar.contract.messages import PROTOCOL_VERSION, Reply, Request, encode
+    from sidecar.contract.codec import PROTOCOL_VERSION, encode
+    from sidecar.contract.messages import Reply, Request
 
     a = replicas("a", extra_env={"MX_HEARTBEAT_INTERVAL": "5", "MX_SOURCE_TTL": "30"})
     a.engine_results()

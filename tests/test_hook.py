@@ -12,8 +12,8 @@ from runtime_hooks.engines.torch_module import TorchModuleAdapter
 from runtime_hooks.exposure import ModelIdentity
 from runtime_hooks.hook import HookError, RankHook
 from sidecar.config import Config
-from sidecar.contract.codec import decode
-from sidecar.contract.messages import PROTOCOL_VERSION, Reply, Request, encode
+from sidecar.contract.codec import PROTOCOL_VERSION, decode, encode
+from sidecar.contract.messages import Reply, Request
 from sidecar.memory.regions import ShmRegion
 
 

@@ -16,7 +16,8 @@ import redis
 
 from sidecar.config import Config, ConfigError
 from sidecar.contract.auth import Keyring
-from sidecar.contract.messages import PROTOCOL_VERSION, RankSource, SourceRecord
+from sidecar.contract.codec import PROTOCOL_VERSION
+from sidecar.contract.messages import RankSource, SourceRecord
 from sidecar.coordinator import Coordinator
 from sidecar.errors import CoordinatorUnavailable
 from sidecar.lab.embedded_redis import EmbeddedRedis, ServerTls

@@ -16,8 +16,8 @@ import pytest
 import redis
 
 from sidecar.contract.auth import AuthError, Keyring
-from sidecar.contract.codec import decode
-from sidecar.contract.messages import PROTOCOL_VERSION, Hello, Sealed, SourceRecord, encode
+from sidecar.contract.codec import PROTOCOL_VERSION, decode, encode
+from sidecar.contract.messages import Hello, Sealed, SourceRecord
 from tests.test_end_to_end import _assert_fell_back_to_storage, _metric
 
 

@@ -16,8 +16,8 @@ from runtime_hooks.exposure import ModelIdentity
 from runtime_hooks.hook import RankHook
 from sidecar.config import Config
 from sidecar.contract.auth import Keyring
-from sidecar.contract.codec import decode
-from sidecar.contract.messages import PROTOCOL_VERSION, Reply, Request, encode
+from sidecar.contract.codec import PROTOCOL_VERSION, decode, encode
+from sidecar.contract.messages import Reply, Request
 from sidecar.lab.toy_engine import SMALL, ToyAdapter, rank_tensors
 
 

@@ -16,7 +16,8 @@ from typing import Literal
 
 from sidecar.agents import Agents
 from sidecar.config import Config
-from sidecar.contract.messages import PROTOCOL_VERSION, Manifest, RankSource, Reply, SourceRecord
+from sidecar.contract.codec import PROTOCOL_VERSION
+from sidecar.contract.messages import Manifest, RankSource, Reply, SourceRecord
 from sidecar.coordinator import Coordinator
 from sidecar.engine import EngineRanks
 from sidecar.errors import CoordinatorUnavailable

@@ -17,7 +17,8 @@ import logging
 import time
 from collections.abc import Callable
 
-from sidecar.contract.messages import ProtocolError, TensorEntry
+from sidecar.contract.codec import ProtocolError
+from sidecar.contract.messages import TensorEntry
 from sidecar.memory.regions import MemoryOps, Region
 from sidecar.planner import Chunk, chunk_plan
 

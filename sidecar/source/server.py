@@ -12,7 +12,8 @@ import logging
 
 from sidecar.config import Config
 from sidecar.contract.auth import Keyring
-from sidecar.contract.messages import Bye, Done, Hello, Ready, Welcome, encode
+from sidecar.contract.codec import encode
+from sidecar.contract.messages import Bye, Done, Hello, Ready, Welcome
 from sidecar.coordinator import Coordinator
 from sidecar.memory.rank_memory import RankMemory
 from sidecar.metrics import Metrics

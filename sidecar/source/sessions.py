@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sidecar.config import Config
-from sidecar.contract.messages import MAX_HELLO_AGE_S, PROTOCOL_VERSION, Hello, ProtocolError, Ready, Welcome
+from sidecar.contract.codec import PROTOCOL_VERSION, ProtocolError
+from sidecar.contract.messages import MAX_HELLO_AGE_S, Hello, Ready, Welcome
 from sidecar.coordinator import Coordinator
 from sidecar.errors import CoordinatorUnavailable
 from sidecar.memory.rank_memory import RankMemory

@@ -19,7 +19,8 @@ from collections.abc import Callable
 
 from sidecar.config import Config
 from sidecar.contract.auth import Keyring
-from sidecar.contract.messages import PROTOCOL_VERSION, Bye, Done, Hello, RankSource, Ready, Welcome, encode
+from sidecar.contract.codec import PROTOCOL_VERSION, encode
+from sidecar.contract.messages import Bye, Done, Hello, RankSource, Ready, Welcome
 from sidecar.errors import FenceError, PlanError, SourceFailed, TransferError, VerifyError
 from sidecar.failpoints import Failpoints
 from sidecar.inflight import Guard, Inflight

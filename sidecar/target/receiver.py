@@ -11,7 +11,7 @@ from typing import Literal
 
 from sidecar.config import Config
 from sidecar.contract.auth import AuthError, Keyring
-from sidecar.contract.messages import ProtocolError
+from sidecar.contract.codec import ProtocolError
 from sidecar.coordinator import Candidate, Coordinator
 from sidecar.engine import EngineRanks
 from sidecar.errors import (

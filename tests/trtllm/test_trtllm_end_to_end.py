@@ -14,7 +14,8 @@ import redis
 
 from runtime_hooks.files.layout import FileSpec, rank_fingerprint
 from sidecar.contract.auth import Keyring
-from sidecar.contract.messages import RankSource, SourceRecord, TensorEntry, encode, replica_fingerprint
+from sidecar.contract.codec import encode
+from sidecar.contract.messages import RankSource, SourceRecord, TensorEntry, replica_fingerprint
 from sidecar.coordinator import open_record
 from tests.trtllm.checkpoints import SMALL_CKPT, digests, make_model_dir, make_trtllm_checkpoint
 from tests.trtllm.procs import FilesNode, write_fake_trtllm_build
