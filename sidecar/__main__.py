@@ -6,8 +6,7 @@ import argparse
 import asyncio
 import sys
 
-from sidecar.config import Config
-from sidecar.logs import setup_logging
+from sidecar.config import cli_config
 from sidecar.settings import ConfigError, markdown_table, redact_url
 
 
@@ -34,12 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "config" and args.markdown:
         print(markdown_table())
         return 0
-    try:
-        cfg = Config.from_env()
-    except ConfigError as e:
-        print(f"mx-sidecar: {e}", file=sys.stderr)
+    cfg = cli_config("mx-sidecar")
+    if cfg is None:
         return 2
-    setup_logging(cfg.log_level)
     if args.cmd == "config":
         for k, v in vars(cfg).items():
             print(f"{k} = {redact_url(v) if k == 'redis_url' else v!r}")

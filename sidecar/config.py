@@ -7,6 +7,7 @@ what needs several settings at once (Redis AUTH/TLS combinations, heartbeat vs. 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +15,7 @@ from urllib.parse import urlsplit
 
 from sidecar.settings import REMOVED, SETTINGS, ConfigError, Setting, Settings, markdown_table, parse_env
 
-__all__ = ["REMOVED", "SETTINGS", "Config", "ConfigError", "Setting", "markdown_table", "rank_address"]
+__all__ = ["REMOVED", "SETTINGS", "Config", "ConfigError", "Setting", "cli_config", "markdown_table", "rank_address"]
 
 
 @dataclass(frozen=True)
@@ -67,3 +68,17 @@ def rank_address(base: str, rank: int) -> str:
         return f"{base}-{rank}"
     host, _, port = base.rpartition(":")
     return f"{host}:{int(port) + rank}"
+
+
+def cli_config(prog: str) -> Config | None:
+    """The configuration of a command-line entry point, with logging set up; None after printing why a setting is
+    nonsense (the caller exits 2)."""
+    from sidecar.logs import setup_logging
+
+    try:
+        cfg = Config.from_env()
+    except ConfigError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return None
+    setup_logging(cfg.log_level)
+    return cfg

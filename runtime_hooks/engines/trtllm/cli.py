@@ -23,8 +23,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 
-from sidecar.config import Config, ConfigError
-from sidecar.logs import setup_logging
+from sidecar.config import Config, cli_config
 
 log = logging.getLogger("mx.trtllm")
 
@@ -89,12 +88,9 @@ def _wait_for_signal() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        cfg = Config.from_env()
-    except ConfigError as e:
-        print(f"mx-trtllm: {e}", file=sys.stderr)
+    cfg = cli_config("mx-trtllm")
+    if cfg is None:
         return 2
-    setup_logging(cfg.log_level)
     from runtime_hooks.engines.trtllm.files import EngineBuildError, TrtllmSourcePublisher, TrtllmTargetLoader
     from runtime_hooks.files.errors import FilesError, SourceNotFound, TransferFailed
 
