@@ -17,7 +17,7 @@ from packaging.version import Version
 from tests.tooling import ROOT
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-SIDECAR_ONLY = ("redis", "uvloop", "prometheus_client", "xxhash", "nixl_cu13", "nixl_cu12", "nixl")
+SIDECAR_ONLY = ("redis", "uvloop", "prometheus_client", "xxhash", "uvicorn", "h11", "nixl_cu13", "nixl_cu12", "nixl")
 # Run Python with the sidecar-only packages made unimportable, as in an engine image without the extras.
 BLOCKER = (
     "import sys, importlib.abc\n"
