@@ -167,26 +167,3 @@ def target_addresses(target: Manifest, region_addrs: list[int]) -> list[int]:
         raise PlanError("one mapped region per handle expected")
     return [region_addrs[e.handle] + e.offset if e.nbytes else 0 for e in target.tensors]
 
-
-def descriptors(
-    chunk: Chunk,
-    local_addrs: list[int],
-    local_dev: int,
-    remote_base: list[int] | int,
-    remote_dev: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """NIXL Nx3 (addr, len, dev) arrays for one chunk.
-
-    remote_base is either one staging slot address (pieces sit at their slot offsets) or the
-    source's per-entry addresses (direct mode: pieces sit at their entry offsets).
-    """
-    n = len(chunk.pieces)
-    local = np.empty((n, 3), dtype=np.uint64)
-    remote = np.empty((n, 3), dtype=np.uint64)
-    for k, p in enumerate(chunk.pieces):
-        local[k] = (local_addrs[p.entry] + p.entry_offset, p.nbytes, local_dev)
-        if isinstance(remote_base, int):
-            remote[k] = (remote_base + p.slot_offset, p.nbytes, remote_dev)
-        else:
-            remote[k] = (remote_base[p.entry] + p.entry_offset, p.nbytes, remote_dev)
-    return local, remote

@@ -6,7 +6,7 @@ import pytest
 
 from sidecar.contract.messages import Manifest, ShmHandle, TensorEntry, layout_digest
 from sidecar.errors import PlanError
-from sidecar.planner import check_compatible, chunk_plan, descriptors, target_addresses
+from sidecar.planner import check_compatible, chunk_plan, make_plan, target_addresses
 
 
 def _entries(sizes):
@@ -57,10 +57,10 @@ def test_a_forged_source_entry_cannot_stretch_a_target_write():
 def test_local_descriptors_stay_inside_the_targets_own_tensors():
     tgt = _manifest([100, 0, 700, 3])
     addrs = target_addresses(tgt, [1_000_000])
-    plan = chunk_plan(tgt.tensors, 256)
+    plan = make_plan(tgt.tensors, addrs, 0, None, 0, 256)  # staged: the whole plan before any READ
     lo_hi = [(a, a + e.nbytes) for a, e in zip(addrs, tgt.tensors, strict=True) if e.nbytes]
-    for c in plan:
-        local, remote = descriptors(c, addrs, 0, 5_000_000, 0)
+    for k in range(len(plan.chunks)):
+        local, remote = plan.descriptors(k, 5_000_000)
         assert local.dtype == np.uint64 and local.shape == remote.shape
         for addr, n, _ in local:
             assert any(lo <= addr and addr + n <= hi for lo, hi in lo_hi)
