@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from sidecar.settings import REMOVED, SETTINGS, ConfigError, Setting, Settings, markdown_table, parse_env
+from sidecar.settings import ConfigError, Settings, parse_env
 
-__all__ = ["REMOVED", "SETTINGS", "Config", "ConfigError", "Setting", "cli_config", "markdown_table", "rank_address"]
+__all__ = ["Config", "cli_config", "rank_address"]
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import tracemalloc
 import msgspec
 import pytest
 
-from sidecar.config import Config, ConfigError
+from sidecar.config import Config
 from sidecar.contract.auth import Keyring
 from sidecar.contract.codec import decode
 from sidecar.contract.messages import (
@@ -28,6 +28,7 @@ from sidecar.coordinator import MAX_SOURCE_MEMBERS, Coordinator
 from sidecar.errors import PlanError
 from sidecar.planner import chunk_plan
 from sidecar.redis_client import connect
+from sidecar.settings import ConfigError
 
 
 def test_staging_slots_below_64_kib_or_above_the_caps_are_rejected_at_start():

@@ -2,7 +2,8 @@ import math
 
 import pytest
 
-from sidecar.config import SETTINGS, Config, ConfigError, markdown_table, rank_address
+from sidecar.config import Config, rank_address
+from sidecar.settings import SETTINGS, ConfigError, markdown_table
 
 
 def test_defaults_parse_and_every_setting_is_in_the_readme():

@@ -24,7 +24,7 @@ import pytest
 import redis
 import yaml
 
-from sidecar.config import SETTINGS, Config
+from sidecar.config import Config
 from sidecar.contract.auth import Keyring
 from sidecar.contract.codec import PROTOCOL_VERSION
 from sidecar.contract.messages import SourceRecord
@@ -32,6 +32,7 @@ from sidecar.coordinator import Coordinator
 from sidecar.fleet import read_fleet
 from sidecar.lab.embedded_redis import server_binary
 from sidecar.redis_client import connect
+from sidecar.settings import SETTINGS
 from tests.tooling import (
     COMPONENTS,
     DEPLOY,

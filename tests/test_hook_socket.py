@@ -15,9 +15,10 @@ import zmq
 from runtime_hooks.engines.torch_module import TorchModuleAdapter
 from runtime_hooks.exposure import ModelIdentity
 from runtime_hooks.hook import HookError, RankHook
-from sidecar.config import Config, ConfigError
+from sidecar.config import Config
 from sidecar.contract.codec import PROTOCOL_VERSION, decode, encode
 from sidecar.contract.messages import Reply, Request
+from sidecar.settings import ConfigError
 
 NOBODY = 65534
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from sidecar.config import Config, ConfigError
+from sidecar.config import Config
 from sidecar.contract.auth import Keyring
 from sidecar.contract.codec import PROTOCOL_VERSION
 from sidecar.contract.messages import RankSource, SourceRecord
@@ -22,6 +22,7 @@ from sidecar.coordinator import Coordinator
 from sidecar.errors import CoordinatorUnavailable
 from sidecar.lab.embedded_redis import EmbeddedRedis, ServerTls
 from sidecar.redis_client import connect, describe_error, redact_url
+from sidecar.settings import ConfigError
 from tests.redis_secure import make_pki, tls_server
 
 PASSWORD = "pw-Zq8rT1-never-shown"  # the server's (default user's) password

@@ -29,9 +29,10 @@ from runtime_hooks.files.layout import (
 from runtime_hooks.files.publisher import FileSourceAdapter
 from runtime_hooks.files.receiver import FileTargetAdapter
 from runtime_hooks.hook import RankHook
-from sidecar.config import Config, ConfigError
+from sidecar.config import Config
 from sidecar.contract.codec import PROTOCOL_VERSION
 from sidecar.contract.messages import RankSource, SourceRecord, TensorEntry, replica_fingerprint
+from sidecar.settings import ConfigError
 from tests.trtllm.checkpoints import SMALL_CKPT, digests, make_model_dir, make_trtllm_checkpoint
 from tests.trtllm.procs import write_fake_trtllm_build
 
