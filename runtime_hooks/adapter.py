@@ -33,6 +33,11 @@ class EngineAdapter(Protocol):
         """The bytes landed and were verified: refresh host-side copies derived from them."""
         ...
 
+    def derived_state(self) -> dict[str, str]:
+        """Numbers derived from the weights outside any tensor (runtime_hooks.derived_state.module_numbers of
+        the model): compared between source and target before a release. {} when the engine keeps none."""
+        ...
+
     def reset_for_retry(self) -> None:
         """A receive failed; `load_from_storage` comes next on possibly half-written tensors."""
         ...

@@ -65,6 +65,8 @@ class RankHook:
         self._manifest: Manifest = build_manifest(self._identity, self._fingerprint, tensors, expose=False)
         if all(t.device.type == "cuda" for t in tensors.values()):
             self._offer_provisional_handles(tensors)  # no side effect on GPU: the sidecar may map them at connect
+        self._derived: dict[str, str] = {}  # final derived numbers (after a load or `derive`); {} before
+        self._rederived = False  # `derive` ran for the current receive: weights_ready need not repeat it
         self._used_ids: dict[str, set[int]] = {}
         self._commands: queue.Queue[_Command | None] = queue.Queue()
         try:
@@ -176,7 +178,7 @@ class RankHook:
         if prepared:  # a target attempt was aborted: its memory is in the prepared layout, maybe half-written
             self._adapter.reset_for_retry()
         self._adapter.load_from_storage()
-        self._expose()
+        self._expose(final=True)
         with self._lock:
             self._session.loaded()
         return "loaded_without_sidecar"
@@ -200,15 +202,18 @@ class RankHook:
                              self.rank)
                 else:
                     self._adapter.prepare_target()
-                self._expose()
+                self._expose(final=False)
             elif op == "load_from_storage":
                 if prepared:
                     self._adapter.reset_for_retry()
                 self._adapter.load_from_storage()
-                self._expose()
+                self._expose(final=True)
                 outcome = "loaded"
+            elif op == "derive":  # verified bytes are in place: re-derive from them, report, wait for the verdict
+                self._rederive()
             elif op == "weights_ready":
-                self._adapter.after_receive()
+                if not self._rederived:
+                    self._rederive()
                 outcome = "received"
         except Exception as e:  # the engine's own failure: report it to the sidecar, then raise in the engine
             log.exception("rank %d: %s failed", self.rank, op)
@@ -223,10 +228,21 @@ class RankHook:
         log.info("rank %d: %s done in %.2fs (session %s)", self.rank, op, time.monotonic() - t0, session[:8])
         return outcome
 
-    def _expose(self) -> None:
+    def _expose(self, final: bool) -> None:
+        """Publish the layout; with `final` (real weights) also the numbers derived from them."""
         manifest = build_manifest(self._identity, self._fingerprint, self._adapter.discover_tensors(), expose=True)
+        derived = self._adapter.derived_state() if final else {}
         with self._lock:
             self._manifest = manifest
+            self._derived = derived
+            self._rederived = False
+
+    def _rederive(self) -> None:
+        self._adapter.after_receive()
+        derived = self._adapter.derived_state()
+        with self._lock:
+            self._derived = derived
+            self._rederived = True
 
     def _post(self, ident: bytes, reply: Reply) -> None:
         self._server.post(ident, reply)
@@ -242,7 +258,7 @@ class RankHook:
             s = self._session
             return Reply(PROTOCOL_VERSION, req_id, ok, s.state, error or self._error,
                          self._manifest if with_manifest else None, s.owner, round(s.silent_for(), 3), s.prepared,
-                         s.weights_version)
+                         s.weights_version, self._derived if with_manifest else {})
 
     # ---------------------------------------------------------------- socket thread
 

@@ -84,14 +84,18 @@ class EngineRanks:
     # -------------------------------------------------------------- commands
     async def all(self, op: str, timeout: float, ranks: list[int] | None = None) -> list[Manifest]:
         """`op` on every rank (or those listed) under our session; a refusal or an engine failure is fatal."""
-        async def one(link: EngineLink) -> Manifest:
+        return [r.manifest for r in await self.replies(op, timeout, ranks) if r.manifest is not None]
+
+    async def replies(self, op: str, timeout: float, ranks: list[int] | None = None) -> list[Reply]:
+        """`all`, returning each rank's whole reply (with its manifest)."""
+        async def one(link: EngineLink) -> Reply:
             try:
                 reply = await link.request(op, timeout)  # type: ignore[arg-type]
             except EngineError as e:
                 self._m.engine_errors.labels(self.model, str(link.rank), op).inc()
                 raise FatalError(str(e)) from e
             assert reply.manifest is not None
-            return reply.manifest
+            return reply
 
         links = self.links if ranks is None else [self.links[r] for r in ranks]
         return list(await asyncio.gather(*(one(lk) for lk in links)))

@@ -41,6 +41,11 @@ class VerifyError(RuntimeError):
     """Received bytes do not match the source's checksums. Next source (this session's bytes are void)."""
 
 
+class DerivedStateMismatch(VerifyError):
+    """Every byte matched, but the engine derived other numbers from them than the source's engine did (a stale
+    host-side value, a layout choice outside the fingerprint). Next source, then storage."""
+
+
 class PlanError(ProtocolError):
     """The source's manifest does not fit this rank (names, sizes, dtypes, chunk bounds). Next source."""
 

@@ -347,3 +347,34 @@ def test_a_target_sidecar_stopped_mid_receive_voids_the_bytes_and_the_engine_wai
         assert reply.state == "waiting", "the half-received bytes must be void, the engine blocked"
     finally:
         a.sidecar.signal(signal.SIGCONT)
+
+
+def test_a_target_ends_with_the_numbers_its_source_derived_from_the_weights_and_publishes_them(replicas,
+                                                                                                redis_server):
+    a = replicas("a")
+    res_a = a.engine_results()
+    a.wait_serving()
+    b = replicas("b")
+    res_b = b.engine_results()
+    assert [res_b[r]["outcome"] for r in (0, 1)] == ["received", "received"]
+    for r in (0, 1):  # re-derived from the received bytes, not kept from the dummy ones
+        assert res_b[r]["derived"] == res_a[r]["derived"] != 0.0
+    b.sidecar.wait_for(r"phase=derive 2 derived numbers equal the source's", 10)
+    b.wait_serving()
+    r = redis.Redis.from_url(redis_server.url)
+    for key in r.scan_iter("mx:*:src:*"):
+        rec = _record(r.get(key))
+        assert all(list(rank.derived) == ["model.norm.scale"] for rank in rec.ranks), rec.replica
+
+
+def test_a_target_whose_engine_derives_other_numbers_from_the_same_bytes_stays_blocked_and_loads_from_storage(
+        replicas):
+    a = replicas("a")
+    res_a = a.engine_results()
+    a.wait_serving()
+    b = replicas("b", engine_args=["--stale-derived"])
+    # Every checksum matched; the number the engine kept did not: never released on it, loaded from storage.
+    _assert_fell_back_to_storage(b, res_a, "derived_mismatch")
+    b.sidecar.wait_for(r"derived state differs: rank \d: 1 numbers .* e\.g\. model\.norm\.scale", 10)
+    res_b = b.engine_results()
+    assert res_b[0]["derived"] == res_a[0]["derived"]

@@ -30,9 +30,9 @@ from sidecar.contract.messages import (
     Request,
     encode,
 )
+from sidecar.contract.session import ENGINE_OPS
 from tests.fuzz_support import MAX_FRAME, budget, deep, huge_lengths, values
 
-ENGINE_OPS = ("prepare_target", "load_from_storage", "weights_ready", "abort")
 MAX_MESSAGE = MAX_FRAME
 
 
@@ -57,6 +57,9 @@ class RecordingAdapter:
 
     def after_receive(self) -> None:
         self.calls.append("after_receive")
+
+    def derived_state(self) -> dict[str, str]:
+        return {}
 
     def reset_for_retry(self) -> None:
         self.calls.append("reset_for_retry")

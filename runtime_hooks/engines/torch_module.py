@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from runtime_hooks.derived_state import module_numbers
 from runtime_hooks.exposure import ModelIdentity
 
 
@@ -46,6 +47,9 @@ class TorchModuleAdapter:
 
     def after_receive(self) -> None:
         """No host-side copies to refresh."""
+
+    def derived_state(self) -> dict[str, str]:
+        return module_numbers(self._source) if isinstance(self._source, torch.nn.Module) else {}
 
     def reset_for_retry(self) -> None:
         """load_from_storage overwrites every tensor; nothing to undo."""

@@ -18,7 +18,8 @@ from typing import Any, TypeVar, overload
 
 import msgspec
 
-PROTOCOL_VERSION = 2  # 2: sessions on engine commands, MACs on peer messages, sealed Redis records
+PROTOCOL_VERSION = 3  # 2: sessions on engine commands, MACs on peer messages, sealed Redis records;
+#                      3: `derive` and derived state beside the tensors (a release needs the source's numbers)
 # Bounds that hold whatever the config says: a manifest of 100k tensors is ~10 MiB of msgpack.
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 # Control messages between sidecars ride NIXL notifications: tiny, bounded, versioned.

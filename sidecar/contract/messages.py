@@ -24,6 +24,7 @@ MAX_NAME_CHARS = 1024
 # from its header). A staging slot below MIN_SLOT_BYTES would make a transfer millions of round trips.
 MAX_DIMS = 64
 MAX_RANKS = 1024
+MAX_DERIVED = 100_000  # numbers an engine derived from its weights (runtime_hooks.derived_state), per rank
 MAX_CHUNKS_PER_RANK = 1 << 20  # a plan longer than this is refused (256 TiB of 256 MiB slots, 64 GiB of 64 KiB)
 
 _Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)]
@@ -31,7 +32,7 @@ _Short = Annotated[str, msgspec.Meta(max_length=256)]
 _Slot = tuple[Annotated[int, msgspec.Meta(ge=0)], Annotated[int, msgspec.Meta(ge=MIN_SLOT_BYTES, le=MAX_SLOT_BYTES)]]
 
 # Commands to the hook; sidecar/contract/session.py holds which may run in which state (checked against Op there).
-Op = Literal["ping", "describe", "prepare_target", "load_from_storage", "weights_ready", "abort"]
+Op = Literal["ping", "describe", "prepare_target", "load_from_storage", "derive", "weights_ready", "abort"]
 OPS: tuple[str, ...] = get_args(Op)
 
 # Hook states, in the order a healthy replica walks them (sidecar/contract/session.py holds the rules).
@@ -122,6 +123,9 @@ class Reply(msgspec.Struct, frozen=True):
     owner_silent_s: float = 0.0  # seconds since the owner's last contact, counted from the end of its last command
     prepared: bool = False  # post-processing ran: prepare_target is then idempotent
     weights_version: int = 0  # bumped by the engine when it changes its weights in place
+    # The numbers the engine derived from its weights (runtime_hooks.derived_state), once they are final: after a
+    # load, or after `derive` re-derived them from received bytes. Empty before.
+    derived: Annotated[dict[_Name, _Short], msgspec.Meta(max_length=MAX_DERIVED)] = {}
 
 
 def validate_reply(reply: Reply) -> None:
@@ -251,6 +255,8 @@ class RankSource(msgspec.Struct, frozen=True):
     slots: Annotated[list[_Slot], msgspec.Meta(max_length=MAX_SLOTS)] = []
     # direct: absolute address of each entry in the source process
     entry_addrs: Annotated[list[int], msgspec.Meta(max_length=MAX_TENSORS)] = []
+    # what the source's engine derived from these weights (Reply.derived): a target's must be equal before release
+    derived: Annotated[dict[_Name, _Short], msgspec.Meta(max_length=MAX_DERIVED)] = {}
 
 
 class SourceRecord(msgspec.Struct, frozen=True):

@@ -41,6 +41,8 @@ TRANSITIONS: dict[tuple[State, Op], Rule] = {
     ("waiting", "prepare_target"): Rule("preparing", "receiving", "claim"),
     ("waiting", "load_from_storage"): Rule("loading", "ready", "claim"),
     ("receiving", "load_from_storage"): Rule("loading", "ready", "owner"),  # the owner's fallback
+    # the received bytes are verified: re-derive host-side state from them (still writable until the verdict)
+    ("receiving", "derive"): Rule("receiving", "receiving", "owner"),
     ("receiving", "weights_ready"): Rule("receiving", "ready", "owner"),
     ("waiting", "abort"): Rule("waiting", "waiting", "owner_or_gone"),
     ("receiving", "abort"): Rule("receiving", "waiting", "owner_or_gone"),  # whatever landed is void
@@ -57,6 +59,7 @@ WRITABLE: tuple[State, ...] = TRANSITIONS[("waiting", "prepare_target")][:2]
 _FOREIGN = {
     "load_from_storage": "load_from_storage in state {state} owned by another session",
     "weights_ready": "weights_ready from a session that did not prepare this target",
+    "derive": "derive from a session that did not prepare this target",
 }
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import xxhash
 
+from runtime_hooks.derived_state import number_text
 from runtime_hooks.engines.torch_module import TorchModuleAdapter
 from runtime_hooks.exposure import ModelIdentity
 from runtime_hooks.hook import RankHook
@@ -97,6 +98,20 @@ class ToyAdapter(TorchModuleAdapter):
     prepare_realloc = 0  # tensors that post-processing moves to new memory (as a repacking engine does)
     load_delay = 0.0
     prepared = 0
+    # A number post-processing derives from the weights into no tensor (as vLLM's fp8 KV scales are), and a fault
+    # knob: `stale_derived` keeps a target's dummy-derived value after the receive (the bug the guard catches).
+    norm_scale = 0.0
+    stale_derived = False
+
+    def _derive(self) -> None:
+        self.norm_scale = float(self.discover_tensors()["model.norm.weight"].float().abs().sum())
+
+    def derived_state(self) -> dict[str, str]:
+        return {"model.norm.scale": number_text(self.norm_scale)}
+
+    def after_receive(self) -> None:
+        if not self.stale_derived:
+            self._derive()
 
     def prepare_target(self) -> None:
         time.sleep(self.prepare_delay)
@@ -105,6 +120,7 @@ class ToyAdapter(TorchModuleAdapter):
         for name in sorted(source)[: self.prepare_realloc]:
             old = source[name]
             source[name] = torch.full_like(old, 7) if old.is_floating_point() else torch.zeros_like(old)
+        self._derive()  # from whatever the uninitialised tensors hold
         self.prepared += 1
 
     load_delay = 0.0  # seconds a storage load takes on top of the read (a slow bucket, for tests)
@@ -115,6 +131,7 @@ class ToyAdapter(TorchModuleAdapter):
         derived = {k: tensors.pop(k) for k in ("model.rotary_emb.inv_freq", "model.empty_scales")}
         TorchModuleAdapter(tensors, self.identity(), self._dir).load_from_storage()
         del derived  # already computed at construction
+        self._derive()
 
 
 def digests(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -139,6 +156,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-digests", action="store_true", help="skip the per-tensor digests (large GPU models)")
     p.add_argument("--prepare-delay", type=float, default=0.0, help="seconds of (simulated) post-processing")
     p.add_argument("--load-delay", type=float, default=0.0, help="seconds added to each storage load")
+    p.add_argument("--stale-derived", action="store_true",
+                   help="a target keeps its dummy-derived number after the receive (a fault for tests)")
     p.add_argument("--prepare-realloc", type=int, default=0,
                    help="tensors that prepare_target moves to new memory (their old handles go stale)")
     return p.parse_args(argv)
@@ -182,6 +201,7 @@ class _ToyEngine:
         adapter = ToyAdapter(tensors, ident, args.checkpoint)
         adapter.prepare_delay, adapter.load_delay = args.prepare_delay, args.load_delay
         adapter.prepare_realloc = args.prepare_realloc
+        adapter.stale_derived = args.stale_derived
         hook = RankHook(adapter, args.address)
         with self.lock:
             self.hooks.append(hook)
@@ -195,7 +215,7 @@ class _ToyEngine:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         ready_s = round(time.monotonic() - t0, 3)
-        line = {"rank": rank, "outcome": outcome, "prepared": adapter.prepared,
+        line = {"rank": rank, "outcome": outcome, "prepared": adapter.prepared, "derived": adapter.norm_scale,
                 "digests": {} if args.no_digests else digests(tensors),
                 "tensors": len(tensors), "seconds": ready_s,
                 "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}

@@ -82,11 +82,13 @@ class Publisher:
                 rm.checksums = s
             self.log.info("phase=checksum %.2fs over %d tensors", time.monotonic() - t1, sum(len(s) for s in sums))
         self._watched.take(replies)
+        derived = {r.manifest.tp_rank: r.derived for r in replies if r.manifest is not None}
         self._record = SourceRecord(PROTOCOL_VERSION, self.replica_id, self.cfg.node_name, model, self.engine.fp, [
             RankSource(rm.rank, rm.transport.name if rm.transport else "", rm.mem_type, rm.device_id, self._mode(rm),
                        list(rm.manifest.tensors), list(rm.checksums),
                        slots=[(s.addr, s.nbytes) for s in rm.ring.slots] if rm.ring else [],
-                       entry_addrs=list(rm.entry_addrs) if self._mode(rm) == "direct" else [])
+                       entry_addrs=list(rm.entry_addrs) if self._mode(rm) == "direct" else [],
+                       derived=dict(derived.get(rm.rank, {})))
             for rm in self.ranks.values()], published_at=time.time())
         self.server.serve(self.ranks)
         self.withdrawn = ""

@@ -16,6 +16,8 @@ from sidecar.coordinator import Candidate, Coordinator
 from sidecar.engine import EngineRanks
 from sidecar.errors import (
     CoordinatorUnavailable,
+    DerivedStateMismatch,
+    FatalError,
     FenceError,
     PlanError,
     SourceFailed,
@@ -29,10 +31,11 @@ from sidecar.memory.rank_memory import RankMemory
 from sidecar.metrics import Metrics
 from sidecar.peers import PeerRouter
 from sidecar.target.pull import pull_rank
-from sidecar.target.verify import verify_rank
+from sidecar.target.verify import verify_derived, verify_rank
 from sidecar.transport import Transport
 
-Result = Literal["ok", "verify_failed", "refused_layout", "refused_auth", "source_failed", "redis_down", "error"]
+Result = Literal["ok", "verify_failed", "derived_mismatch", "refused_layout", "refused_auth", "source_failed",
+                 "redis_down", "error"]
 
 
 @dataclass
@@ -105,10 +108,15 @@ class Receiver:
             await asyncio.gather(*(verify_rank(rm, by_rank[r], v, self.log)
                                    for (r, rm), (_, v) in zip(ranks.items(), pulled, strict=True)))
             self._received(sum(moved), time.monotonic() - t0, peer)
+            # Every READ is fenced and verified: the engine re-derives its host-side numbers from these bytes.
+            verify_derived(rec.ranks, await self.engine.replies("derive", self.cfg.load_timeout), self.log)
             return True
-        except (FenceError, Superseded):
+        except (FenceError, Superseded, FatalError):  # FatalError: the engine failed (derive) or refused us
             result = "error"
             raise
+        except DerivedStateMismatch as e:
+            result = "derived_mismatch"
+            self.log.error("derived state differs: %s; next source, then storage", e, peer=peer)
         except VerifyError as e:
             result = "verify_failed"
             self.log.error("verification failed: %s", e, peer=peer)

@@ -6,8 +6,8 @@ import asyncio
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from sidecar.contract.messages import RankSource
-from sidecar.errors import VerifyError
+from sidecar.contract.messages import RankSource, Reply
+from sidecar.errors import DerivedStateMismatch, VerifyError
 from sidecar.logs import Ctx
 from sidecar.memory.rank_memory import RankMemory
 from sidecar.planner import Chunk
@@ -72,3 +72,26 @@ async def verify_rank(rank: RankMemory, src: RankSource, verifier: StreamingVeri
     rank.checksums = mine
     log.info("phase=verify %d checksums match, %.3fs after the last byte", len(mine), time.monotonic() - t0,
              rank=rank.rank)
+
+
+def derived_differences(expected: dict[str, str], got: dict[str, str]) -> list[str]:
+    """Names of derived numbers whose values differ, or that only one side has, sorted."""
+    return sorted(k for k in expected.keys() | got.keys() if expected.get(k) != got.get(k))
+
+
+def verify_derived(sources: list[RankSource], replies: list[Reply], log: Ctx) -> int:
+    """The numbers each rank's engine re-derived from the verified bytes must equal the source's (signed) ones.
+    Returns how many were compared; raises DerivedStateMismatch naming the first differences."""
+    src = {r.rank: r.derived for r in sources}
+    compared = 0
+    for reply in replies:
+        assert reply.manifest is not None
+        rank = reply.manifest.tp_rank
+        bad = derived_differences(src.get(rank, {}), reply.derived)
+        if bad:
+            raise DerivedStateMismatch(
+                f"rank {rank}: {len(bad)} numbers the engine derived from the received weights differ from the "
+                f"source's, e.g. {', '.join(bad[:5])}")
+        compared += len(reply.derived)
+    log.info("phase=derive %d derived numbers equal the source's", compared)
+    return compared

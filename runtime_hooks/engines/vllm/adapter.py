@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from runtime_hooks.derived_state import module_numbers
 from runtime_hooks.discovery import closure_items, discover_tensors
 from runtime_hooks.exposure import ModelIdentity
 from runtime_hooks.identity import checkpoint_revision, config_text, digest, json_digest
@@ -86,6 +87,9 @@ class VllmAdapter:
             rebuild(layer, remove_weight=False)
         if self._cpu_rebuild:
             log.info("mx: rank %d rebuilt %d CPU GEMM handles from received weights", self.rank, len(self._cpu_rebuild))
+
+    def derived_state(self) -> dict[str, str]:
+        return module_numbers(self.model)
 
     def reset_for_retry(self) -> None:
         """A receive failed; load_from_storage will start from a freshly built model."""
