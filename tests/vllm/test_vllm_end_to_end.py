@@ -115,6 +115,8 @@ def test_a_target_prepared_on_dummy_weights_has_exactly_the_source_layout_and_re
     assert check["same_layout"] and check["same_identity"] and check["same_fingerprint"]
     assert check["dummy_differs"], "the target must start from dummy weights, not real ones"
     assert check["equal_after_receive"] and check["equal_after_retry"]
+    # The numbers vLLM derived into no tensor (KV-cache scale floats, ...) are the source's too.
+    assert check["derived_count"] > 0 and check["derived_differing"] == [] and check["derived_equal_after_retry"]
     assert check["zero_byte"], "zero-byte tensors (vLLM's kv_cache placeholders) are part of the manifest"
     assert any(n.endswith("rotary_emb.cos_sin_cache") for n in check["names"]), "buffers are exposed"
     assert any(n.endswith("attn._k_scale") for n in check["names"]), "tensor attributes are exposed"

@@ -45,6 +45,7 @@ def adapter_steps(worker: Any) -> dict[str, Any]:
             fp_src = compute_fingerprint(src.identity(), src.discover_tensors())
             src.load_from_storage()
             t_src = src.discover_tensors()
+            d_src = src.derived_state()
             forget_model_layers(vllm_config, src.model)
 
             dst = VllmAdapter(build, vllm_config, model_config, loader.storage_loader, device)
@@ -66,10 +67,14 @@ def adapter_steps(worker: Any) -> dict[str, Any]:
                     t.copy_(t_src[n])
             dst.after_receive()
             out["equal_after_receive"] = all(torch.equal(t_src[n], t) for n, t in dst.discover_tensors().items())
+            d_dst = dst.derived_state()
+            out["derived_count"] = len(d_src)
+            out["derived_differing"] = sorted(k for k in d_src.keys() | d_dst.keys() if d_src.get(k) != d_dst.get(k))
             # A failed receive: the next load from storage starts from a fresh model and ends equal to the source.
             dst.reset_for_retry()
             dst.load_from_storage()
             out["equal_after_retry"] = all(torch.equal(t_src[n], t) for n, t in dst.discover_tensors().items())
+            out["derived_equal_after_retry"] = dst.derived_state() == d_src
             forget_model_layers(vllm_config, dst.model)
         finally:
             vllm_config.compilation_config.static_forward_context.clear()

@@ -22,7 +22,7 @@ from runtime_hooks.identity import checkpoint_revision, config_text, digest, jso
 
 log = logging.getLogger("mx.vllm")
 
-__all__ = ["VllmAdapter", "exposable_cpu_gemm", "forget_model_layers", "model_identity"]
+__all__ = ["VllmAdapter", "exposable_cpu_gemm", "forget_model_layers", "model_identity", "rederive_kv_scales"]
 
 
 class VllmAdapter:
@@ -87,6 +87,10 @@ class VllmAdapter:
             rebuild(layer, remove_weight=False)
         if self._cpu_rebuild:
             log.info("mx: rank %d rebuilt %d CPU GEMM handles from received weights", self.rank, len(self._cpu_rebuild))
+        n = rederive_kv_scales(self.model)
+        if n:
+            log.info("mx: rank %d re-derived the KV-cache scales of %d attention layers from received weights",
+                     self.rank, n)
 
     def derived_state(self) -> dict[str, str]:
         return module_numbers(self.model)
@@ -122,6 +126,30 @@ class VllmAdapter:
         gc.collect()
         torch.accelerator.empty_cache()
         self._processed = True
+
+
+def rederive_kv_scales(model: torch.nn.Module) -> int:
+    """Re-derive what vLLM's KV-cache quantization keeps outside tensors, from the received scale buffers.
+
+    `BaseKVCacheMethod.process_weights_after_loading` (quantization/kv_cache.py, 0.26 and 0.32) copies the
+    checkpoint's k/v/q scales into the `_k_scale`/`_v_scale`/`_q_scale` buffers and sets `_k_scale_float`,
+    `_v_scale_float`, `_q_scale_float` and the host copies `_k_scale_cpu`/`_v_scale_cpu` to the same values; the
+    CPU and FlashInfer-family backends read the floats. A target ran it on dummy weights (floats 1.0); the buffers
+    are received, so the floats are set from them here. `_prob_scale_float` vLLM itself leaves at 1.0, so it is
+    left alone; per-head scales (more than one element) have no float. Returns the layers re-derived."""
+    n = 0
+    for m in model.modules():
+        scales = [getattr(m, f"_{x}_scale", None) for x in "kvq"]
+        if not all(isinstance(t, torch.Tensor) and t.numel() == 1 for t in scales) or not hasattr(m, "_k_scale_float"):
+            continue
+        k, v, q = (float(t.item()) for t in scales)  # type: ignore[union-attr]
+        m._k_scale_float, m._v_scale_float, m._q_scale_float = k, v, q
+        for name, value in (("_k_scale_cpu", k), ("_v_scale_cpu", v)):
+            host = getattr(m, name, None)
+            if isinstance(host, torch.Tensor):
+                host.fill_(value)
+        n += 1
+    return n
 
 
 def forget_model_layers(vllm_config: Any, model: torch.nn.Module | None) -> int:
