@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 
 from sidecar.contract.messages import (
+    MAX_IDENTITY_FIELDS,
     Handle,
     Manifest,
     ShmHandle,
@@ -107,6 +108,22 @@ def layout_fingerprint(identity: ModelIdentity, device_types: set[str],
     return fingerprint(fields, layout)
 
 
+def describe_fingerprint(identity: ModelIdentity, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """What `compute_fingerprint` hashes, readable: every identity field as text, the device types, and a digest of
+    the pre-load layout. Records carry it, so `mx-sidecar status --explain` can name the fields two replicas
+    differ in (the fingerprint alone says only that they differ)."""
+    import hashlib
+
+    def short(text: str) -> str:  # bounded for the schema (MAX_NAME_CHARS), still telling
+        return text if len(text) <= 240 else f"{text[:160]}... sha256:{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+    layout = sorted((n, dtype_name(t.dtype), list(t.shape)) for n, t in tensors.items())
+    fields = {short(k): short(str(v)) for k, v in identity.fields().items() if k != "tp_rank"}
+    fields["device_types"] = ",".join(sorted({t.device.type for t in tensors.values()}))
+    fields["layout"] = f"{len(layout)} tensors, " + hashlib.sha256(repr(layout).encode()).hexdigest()[:16]
+    return dict(list(fields.items())[:MAX_IDENTITY_FIELDS])
+
+
 def share_cpu_storages(tensors: dict[str, torch.Tensor]) -> int:
     """Move every distinct non-empty CPU storage into shared memory in place. Returns how many moved."""
     moved = 0
@@ -122,14 +139,17 @@ def share_cpu_storages(tensors: dict[str, torch.Tensor]) -> int:
     return moved
 
 
-def build_manifest(identity: ModelIdentity, fp: str, tensors: dict[str, torch.Tensor], expose: bool) -> Manifest:
-    """Manifest of `tensors`. With expose=True, CPU storages move to shm and GPU ones get IPC handles."""
+def build_manifest(identity: ModelIdentity, fp: str, tensors: dict[str, torch.Tensor], expose: bool,
+                   described: dict[str, str] | None = None) -> Manifest:
+    """Manifest of `tensors`. With expose=True, CPU storages move to shm and GPU ones get IPC handles.
+    `described`: describe_fingerprint's fields, carried for explanations."""
     devices = {t.device.type for t in tensors.values() if t.numel() > 0}
     if len(devices) > 1:
         raise RuntimeError(f"a rank's tensors span several device types: {sorted(devices)}")
     kind: Literal["shm", "cuda_ipc"] = "cuda_ipc" if devices == {"cuda"} else "shm"
     if not expose:
-        return Manifest(identity.model_id, identity.revision, fp, identity.tp_rank, identity.tp_size, kind, False)
+        return Manifest(identity.model_id, identity.revision, fp, identity.tp_rank, identity.tp_size, kind, False,
+                        identity=dict(described or {}))
 
     whole, zero = _storage_entries(tensors)
     handles: list[Handle] = []
@@ -151,6 +171,6 @@ def build_manifest(identity: ModelIdentity, fp: str, tensors: dict[str, torch.Te
     entries.sort(key=lambda e: e.name)
     return Manifest(
         identity.model_id, identity.revision, fp, identity.tp_rank, identity.tp_size, kind, True,
-        layout_digest(entries), handles, entries,
+        layout_digest(entries), handles, entries, identity=dict(described or {}),
     )
 

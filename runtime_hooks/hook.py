@@ -20,7 +20,13 @@ import msgspec
 import torch
 
 from runtime_hooks.adapter import EngineAdapter
-from runtime_hooks.exposure import ModelIdentity, build_manifest, compute_fingerprint, share_cpu_storages
+from runtime_hooks.exposure import (
+    ModelIdentity,
+    build_manifest,
+    compute_fingerprint,
+    describe_fingerprint,
+    share_cpu_storages,
+)
 from runtime_hooks.hook_server import HookServer
 from runtime_hooks.socket_guard import UnsafeSocketError
 from sidecar.config import Config, rank_address
@@ -59,10 +65,12 @@ class RankHook:
         self.address = rank_address(address or self._cfg.zmq_address, self.rank)
         tensors = adapter.discover_tensors()
         self._fingerprint = compute_fingerprint(self._identity, tensors)
+        self._described = describe_fingerprint(self._identity, tensors)
         self._lock = threading.Lock()
         self._session = RankSession(self._cfg.sidecar_timeout)
         self._error = ""
-        self._manifest: Manifest = build_manifest(self._identity, self._fingerprint, tensors, expose=False)
+        self._manifest: Manifest = build_manifest(self._identity, self._fingerprint, tensors, expose=False,
+                                                 described=self._described)
         if all(t.device.type == "cuda" for t in tensors.values()):
             self._offer_provisional_handles(tensors)  # no side effect on GPU: the sidecar may map them at connect
         self._derived: dict[str, str] = {}  # final derived numbers (after a load or `derive`); {} before
@@ -159,7 +167,7 @@ class RankHook:
         the sidecar locates and writes tensors through the final manifest alone.
         """
         try:
-            m = build_manifest(self._identity, self._fingerprint, tensors, expose=True)
+            m = build_manifest(self._identity, self._fingerprint, tensors, expose=True, described=self._described)
         except Exception as e:  # e.g. VMM memory: the final exposure reports it where it matters
             log.info("rank %d: handles are offered only once exposed (%s)", self.rank, e)
             return
@@ -230,7 +238,8 @@ class RankHook:
 
     def _expose(self, final: bool) -> None:
         """Publish the layout; with `final` (real weights) also the numbers derived from them."""
-        manifest = build_manifest(self._identity, self._fingerprint, self._adapter.discover_tensors(), expose=True)
+        manifest = build_manifest(self._identity, self._fingerprint, self._adapter.discover_tensors(), expose=True,
+                                  described=self._described)
         derived = self._adapter.derived_state() if final else {}
         with self._lock:
             self._manifest = manifest

@@ -19,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     st_p.add_argument("--json", action="store_true", help="machine-readable (one object per line with --watch)")
     st_p.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
                       help="refresh every SECONDS (default 2) until interrupted")
+    st_p.add_argument("--explain", action="store_true",
+                      help="for a model with several fingerprints: the fields in which they differ")
     sub.add_parser("bench", help="CPU benchmark on this machine (as `make bench`)", add_help=False)
     sub.add_parser("demo", help="end-to-end demo on this machine (as `make demo`)", add_help=False)
     cfg_p = sub.add_parser("config", help="validate the MX_* environment and print it")
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         from sidecar.redis_client import describe_error
 
         try:
-            return asyncio.run(status(cfg, args.model, args.json, args.watch))
+            return asyncio.run(status(cfg, args.model, args.json, args.watch, args.explain))
         except KeyboardInterrupt:
             return 0
         except (RedisError, OSError) as e:

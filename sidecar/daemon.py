@@ -19,6 +19,7 @@ from sidecar.build import Parts, build
 from sidecar.config import Config
 from sidecar.coordinator import Candidate
 from sidecar.errors import CoordinatorUnavailable, FatalError, FenceError, Superseded, exit_code, without_verdict
+from sidecar.explain import explain_no_match
 from sidecar.recovery import finish_partial_release, take_over_orphans
 from sidecar.roles import decide, renew_lease
 
@@ -54,6 +55,8 @@ class Daemon:
         else:
             await take_over_orphans(p.cfg, p.engine, replies, self.log)
             role = await decide(p.cfg, p.coord, p.engine.fp, p.engine.model, p.metrics, self.log)
+            if role.decision in ("seed", "seed_wait_timeout"):  # sources of the model under another fingerprint?
+                await explain_no_match(p.coord, p.engine.fp, p.engine.model, manifests[0].identity, self.log)
             if role.decision == "target":
                 await self._as_target(role.candidates)
             else:

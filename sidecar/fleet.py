@@ -17,6 +17,7 @@ from sidecar.contract.auth import AuthError, Keyring
 from sidecar.contract.codec import ProtocolError, decode
 from sidecar.contract.messages import Sealed, SourceRecord
 from sidecar.coordinator import open_record
+from sidecar.explain import identity_differences
 from sidecar.redis_keys import RedisKeys
 
 
@@ -43,6 +44,7 @@ class Source:
     heartbeat_s: float | None  # since the last heartbeat; None when the heartbeat key is gone
     live: bool  # heartbeat within the TTL the source beats with
     authenticated: str
+    identity: dict[str, str] = field(default_factory=dict)  # what its fingerprint was computed from
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,8 @@ class ModelView:
     sources: list[Source] = field(default_factory=list)
     leases: list[Lease] = field(default_factory=list)
     targets_in_flight: int = 0
+    # with --explain: for each fingerprint after the first, the fields in which it differs from the first
+    differences: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -80,7 +84,7 @@ def _beat(value: bytes | None) -> tuple[float, float] | None:
 
 
 async def read_fleet(r: Any, prefix: str, model: str | None = None, max_record_bytes: int = 64 << 20,
-                     redis_label: str = "", keys: Keyring | None = None) -> Fleet:
+                     redis_label: str = "", keys: Keyring | None = None, explain: bool = False) -> Fleet:
     """One consistent-enough pass over Redis (SCAN + pipelined GETs); `model` filters the result."""
     now = time.time()
     unreadable: list[str] = []
@@ -92,7 +96,19 @@ async def read_fleet(r: Any, prefix: str, model: str | None = None, max_record_b
     models = _by_model(sources, leases, readers_by_fp, fp_model)
     if model is not None:
         models = [m for m in models if m.model == model]
+    if explain:
+        for m in models:
+            m.differences = fingerprint_differences(m)
     return Fleet(redis_label, now, models, unreadable)
+
+
+def fingerprint_differences(view: ModelView) -> dict[str, list[str]]:
+    """Each fingerprint of the model after the first one that has a source -> its fields that differ."""
+    described: dict[str, dict[str, str]] = {}
+    for s in view.sources:
+        described.setdefault(s.fingerprint, s.identity)
+    fps = list(described)
+    return {fp: identity_differences(described[fps[0]], described[fp]) for fp in fps[1:]}
 
 
 async def _reader_counts(r: Any, keys_of: RedisKeys, unreadable: list[str]) -> dict[str, int]:
@@ -137,7 +153,7 @@ async def _sources(r: Any, keys_of: RedisKeys, keys: Keyring, max_record_bytes: 
             # max(0, ...): a beat written after this pass began is 0 s old, not negative
             age_s=max(0.0, now - rec.published_at) if rec.published_at else None,
             heartbeat_s=max(0.0, now - beat[0]) if beat else None, live=bool(beat and now - beat[0] <= beat[1]),
-            authenticated=auth))
+            authenticated=auth, identity=dict(rec.identity)))
     return sources
 
 
@@ -217,6 +233,10 @@ def render(fleet: Fleet) -> str:
         for lease in m.leases:
             out.append(f"  seeding {lease.fingerprint[:12]}: lease held by {lease.holder}, "
                        f"expires in {lease.expires_in_s:.1f}s unless renewed")
+        for fp, diffs in m.differences.items():
+            out.append(f"  {fp[:12]} differs from {m.fingerprints[0][:12]} in {len(diffs)} field"
+                       f"{'s' * (len(diffs) != 1)}:")
+            out += [f"    {d}" for d in diffs] or ["    (no described field: a record without a description)"]
     for u in fleet.unreadable:
         out.append(f"unreadable: {u}")
     return "\n".join(out)
@@ -224,7 +244,7 @@ def render(fleet: Fleet) -> str:
 
 
 
-async def status(cfg: Config, model: str | None, as_json: bool, watch: float | None) -> int:
+async def status(cfg: Config, model: str | None, as_json: bool, watch: float | None, explain: bool = False) -> int:
     """Print the fleet once, or every `watch` seconds until interrupted (--json --watch: one JSON per line)."""
     from sidecar.redis_client import connect, redact_url
 
@@ -233,7 +253,7 @@ async def status(cfg: Config, model: str | None, as_json: bool, watch: float | N
     try:
         while True:
             fleet = await read_fleet(r, cfg.redis_prefix, model, cfg.max_message_bytes, redact_url(cfg.redis_url),
-                                     keys)
+                                     keys, explain)
             if as_json:
                 print(json.dumps(asdict(fleet), indent=None if watch is not None else 2), flush=True)
             else:

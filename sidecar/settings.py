@@ -275,8 +275,8 @@ class Settings:
     sidecar_timeout: float = setting("MX_SIDECAR_TIMEOUT", 60.0, _positive_seconds,
         "Engine hook: seconds without a sidecar before the engine loads from storage by itself.")
     model_revision: str = setting("MX_MODEL_REVISION", "", _text,
-        "Engine hook (vLLM): the revision in the fingerprint; default: --revision, else a digest of the local "
-        "checkpoint's config and safetensors headers.")
+        "Engine hook (vLLM): the checkpoint's name in the fingerprint (a release name or manifest digest; nothing "
+        "is hashed); default: a local directory's content digest (cached beside it), a hub id's resolved commit.")
     # TensorRT-LLM checkpoints and model directories, file level (runtime_hooks/engines/trtllm, runtime_hooks/files).
     trtllm_model_name: str = setting("MX_TRTLLM_MODEL_NAME", "", _text,
         "TRT-LLM / model files: the name a publisher announces and a loader asks for; default: MX_MODEL_NAME.")

@@ -195,6 +195,7 @@ def test_garbage_on_the_engine_socket_and_nixl_channel_is_rejected_and_the_sourc
     import msgpack
     import zmq
 
+    from sidecar.contract.codec import PROTOCOL_VERSION
     from sidecar.contract.messages import Reply
     from sidecar.transport import Transport
 
@@ -207,8 +208,8 @@ def test_garbage_on_the_engine_socket_and_nixl_channel_is_rejected_and_the_sourc
     s.setsockopt(zmq.LINGER, 0)
     s.connect(a.address.replace(".sock", "-0.sock"))
     bad_frames = (b"\xc1\xc1", msgpack.packb({"v": 9, "id": 1, "op": "ping"}),
-                  msgpack.packb({"v": 1, "id": 1, "op": "shutdown"}),
-                  msgpack.packb({"v": 1, "id": 1, "op": "ping", "z": 1}))
+                  msgpack.packb({"v": PROTOCOL_VERSION, "id": 1, "op": "shutdown"}),
+                  msgpack.packb({"v": PROTOCOL_VERSION, "id": 1, "op": "ping", "z": 1}))
     for bad in bad_frames:
         s.send(bad)
         reply = decode(Reply, s.recv())
@@ -220,7 +221,7 @@ def test_garbage_on_the_engine_socket_and_nixl_channel_is_rejected_and_the_sourc
     intruder = Transport("intruder", "DRAM", 0)
     peer = intruder.add_peer(decode(Sealed, r.get(f"mx:agent:{rec.ranks[0].agent}")).body, rec.ranks[0].agent)
     intruder.send(peer, b"\x00not msgpack")
-    intruder.send(peer, msgpack.packb({"type": "hello", "v": 2, "session": "s", "rank": 0, "reader": "nobody",
+    intruder.send(peer, msgpack.packb({"type": "hello", "v": PROTOCOL_VERSION, "session": "s", "rank": 0, "reader": "nobody",
                                        "layout_digest": "x", "ts": time.time()}))
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:

@@ -120,3 +120,24 @@ def test_status_says_clearly_when_redis_cannot_be_reached(tmp_path):
     res = _status(f"unix://{tmp_path}/nothing.sock")
     assert res.returncode == 1 and "cannot read unix://" in res.stderr and "Traceback" not in res.stderr
 
+
+
+def test_a_replica_that_matches_no_source_of_its_model_logs_why_and_status_explain_names_the_fields(replicas,
+                                                                                                   redis_server,
+                                                                                                   other_checkpoint):
+    a = replicas("a")
+    a.wait_serving()
+    c = replicas("c", checkpoint=other_checkpoint, revision="r2")  # float32, and another revision
+    assert c.engine_results()[0]["outcome"] == "loaded"
+    line = c.sidecar.wait_for(r"serves toy-llama under fingerprint \w+, not ours .*", 10).group(0)
+    assert "dtype: float32 != bfloat16" in line and "revision: r2 != r1" in line and "layout:" in line
+    c.wait_serving()
+    toy = _models(_fleet(redis_server.url, "--explain"))["toy-llama"]
+    assert len(toy["fingerprints"]) == 2
+    [(fp, diffs)] = toy["differences"].items()
+    fields = sorted(d.split(":")[0] for d in diffs)
+    assert fields == ["dtype", "layout", "revision"], diffs
+    text = _status(redis_server.url, "--explain").stdout
+    assert f"{fp[:12]} differs from" in text and "in 3 fields:" in text
+    assert re.search(r"^    revision: r\d != r\d$", text, re.M), text
+    assert "differs from" not in _status(redis_server.url).stdout, "only with --explain"

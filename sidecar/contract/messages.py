@@ -24,6 +24,7 @@ MAX_NAME_CHARS = 1024
 # from its header). A staging slot below MIN_SLOT_BYTES would make a transfer millions of round trips.
 MAX_DIMS = 64
 MAX_RANKS = 1024
+MAX_IDENTITY_FIELDS = 512  # fields of a fingerprint's description (identity fields, VLLM_* settings, ...)
 MAX_DERIVED = 100_000  # numbers an engine derived from its weights (runtime_hooks.derived_state), per rank
 MAX_CHUNKS_PER_RANK = 1 << 20  # a plan longer than this is refused (256 TiB of 256 MiB slots, 64 GiB of 64 KiB)
 
@@ -98,6 +99,8 @@ class Manifest(msgspec.Struct, frozen=True):
     layout_digest: str = ""
     handles: Annotated[list[Handle], msgspec.Meta(max_length=MAX_HANDLES)] = []
     tensors: Annotated[list[TensorEntry], msgspec.Meta(max_length=MAX_TENSORS)] = []
+    # what the fingerprint was computed from, readable (runtime_hooks.exposure.describe_fingerprint)
+    identity: Annotated[dict[_Short, _Name], msgspec.Meta(max_length=MAX_IDENTITY_FIELDS)] = {}
 
     @property
     def total_bytes(self) -> int:
@@ -267,6 +270,8 @@ class SourceRecord(msgspec.Struct, frozen=True):
     fingerprint: str
     ranks: Annotated[list[RankSource], msgspec.Meta(max_length=MAX_RANKS)]
     published_at: float = 0.0  # wall clock of the publication (inside the seal: a replay shows its age)
+    # rank 0's fingerprint description (Manifest.identity): why another replica of the model does not match
+    identity: Annotated[dict[_Short, _Name], msgspec.Meta(max_length=MAX_IDENTITY_FIELDS)] = {}
 
 
 class Sealed(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

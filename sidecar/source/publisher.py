@@ -89,7 +89,8 @@ class Publisher:
                        slots=[(s.addr, s.nbytes) for s in rm.ring.slots] if rm.ring else [],
                        entry_addrs=list(rm.entry_addrs) if self._mode(rm) == "direct" else [],
                        derived=dict(derived.get(rm.rank, {})))
-            for rm in self.ranks.values()], published_at=time.time())
+            for rm in self.ranks.values()], published_at=time.time(),
+            identity=dict(self._ranks[min(self._ranks)].manifest.identity) if self._ranks else {})
         self.server.serve(self.ranks)
         self.withdrawn = ""
         if self._watch not in self.engine.observers:

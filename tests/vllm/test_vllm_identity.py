@@ -89,6 +89,43 @@ def test_identity_of_a_local_directory_follows_its_config_and_weight_headers(tp,
     assert before.startswith("local-") and after.startswith("local-") and before != after
 
 
+def test_one_changed_weight_byte_changes_the_revision_of_a_local_directory(tp, tmp_path):
+    a = make_tiny_llama(tmp_path / "m", "bfloat16")
+    before = _ident(str(a)).revision
+    weights = sorted(a.glob("*.safetensors"))[-1]
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # a weight byte: same size, same safetensors header
+    weights.write_bytes(bytes(data))
+    assert _ident(str(a)).revision != before
+
+
+@pytest.fixture
+def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads its environment at import; the identity reads the constant when called.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_a_hub_id_resolves_offline_to_the_commit_in_the_hugging_face_cache(tp, hf_cache):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    refs = hf_cache / "models--org--name" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text(commit + "\n")
+    assert _ident("org/name").revision == "hub-" + commit
+    assert _ident("org/name", revision=commit).revision == "hub-" + commit
+
+
+def test_an_unresolvable_hub_id_offline_matches_no_other_replica(tp, hf_cache):
+    a, b = _ident("org/unknown").revision, _ident("org/unknown").revision
+    assert a.startswith("unresolved-") and b.startswith("unresolved-") and a != b
+
+
 def test_mx_model_revision_overrides_the_computed_revision(tp, ckpt, monkeypatch):
     monkeypatch.setenv("MX_MODEL_REVISION", "release-7")
     assert _ident(str(ckpt)).revision == "release-7"
