@@ -221,8 +221,8 @@ def test_garbage_on_the_engine_socket_and_nixl_channel_is_rejected_and_the_sourc
     intruder = Transport("intruder", "DRAM", 0)
     peer = intruder.add_peer(decode(Sealed, r.get(f"mx:agent:{rec.ranks[0].agent}")).body, rec.ranks[0].agent)
     intruder.send(peer, b"\x00not msgpack")
-    intruder.send(peer, msgpack.packb({"type": "hello", "v": PROTOCOL_VERSION, "session": "s", "rank": 0, "reader": "nobody",
-                                       "layout_digest": "x", "ts": time.time()}))
+    intruder.send(peer, msgpack.packb({"type": "hello", "v": PROTOCOL_VERSION, "session": "s", "rank": 0,
+                                       "reader": "nobody", "layout_digest": "x", "ts": time.time()}))
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         intruder.agent.get_new_notifs()  # no progress thread: this drives the intruder's sends
