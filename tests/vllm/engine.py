@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--load-format", default="mx")
+    p.add_argument("--storage-load-format", default="", help="mx: the vLLM load format for reading storage")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--gpu-memory-utilization", type=float, default=None, help="GPU only (vLLM's default 0.9)")
     p.add_argument("--no-digests", action="store_true")
@@ -72,9 +73,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from vllm import LLM, SamplingParams
 
-    gpu = {"gpu_memory_utilization": a.gpu_memory_utilization} if a.gpu_memory_utilization else {}
+    kw: dict[str, Any] = {"gpu_memory_utilization": a.gpu_memory_utilization} if a.gpu_memory_utilization else {}
+    if a.storage_load_format:
+        kw["model_loader_extra_config"] = {"storage_load_format": a.storage_load_format}
     llm = LLM(model=a.model, load_format=a.load_format, tensor_parallel_size=a.tp, dtype=a.dtype,
-              skip_tokenizer_init=True, enforce_eager=True, max_model_len=256, max_num_seqs=4, seed=0, **gpu)
+              skip_tokenizer_init=True, enforce_eager=True, max_model_len=256, max_num_seqs=4, seed=0, **kw)
     ready_s = time.monotonic() - T0
     out = llm.generate([{"prompt_token_ids": PROMPT}],
                        SamplingParams(temperature=0, max_tokens=a.max_tokens, ignore_eos=True), use_tqdm=False)

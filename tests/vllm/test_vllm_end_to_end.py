@@ -163,3 +163,22 @@ def test_tensor_parallel_2_target_receives_each_rank_from_the_same_rank_of_the_s
     assert res_b["tokens"] == res_a["tokens"] == plain_tokens
     b.stop()
     a.stop()
+
+
+def test_a_source_and_a_replica_without_a_sidecar_read_storage_through_the_configured_vllm_loader(
+        ckpt, work, redis_url, replicas, plain_tokens):
+    # runai_streamer: one of vLLM's own storage loaders other than its default one, and one that runs on CPU.
+    runai = ["--storage-load-format", "runai_streamer"]
+    lonely = _start(replicas, "runai-lonely", ckpt, work, sidecar=False, engine_args=["--exit-after-ready", *runai],
+                    extra_env={"MX_SIDECAR_TIMEOUT": str(SIDECAR_TIMEOUT)})
+    # Its own Redis prefix: a source, not a target of the replicas above (the load format is not in the identity:
+    # every loader gives the checkpoint's bytes).
+    src = _start(replicas, "runai-src", ckpt, work, redis_url, engine_args=runai,
+                 extra_env={"MX_REDIS_PREFIX": "runai"})
+    for rep, outcome in ((lonely, "loaded_without_sidecar"), (src, "loaded")):
+        res = rep.result()
+        assert rep.outcomes(res) == [outcome]
+        assert res["tokens"] == plain_tokens
+        rep.engine.wait_for(r"rank 0 loaded from storage \(RunaiModelStreamerLoader\)", 5)
+    src.wait_serving()
+    src.stop()

@@ -63,7 +63,8 @@ class VllmAdapter:
         t0 = time.monotonic()
         self.storage_loader.load_weights(self.model, self.model_config)
         self._post_process()
-        log.info("mx: rank %d loaded from storage and post-processed in %.2fs", self.rank, time.monotonic() - t0)
+        log.info("mx: rank %d loaded from storage (%s) and post-processed in %.2fs", self.rank,
+                 type(self.storage_loader).__name__, time.monotonic() - t0)
 
     @torch.no_grad()
     def prepare_target(self) -> None:

@@ -43,7 +43,7 @@ _LOADER = "vllm.model_executor.model_loader"
 REGISTER_NEEDS = (
     Need(_LOADER, "register_model_loader"),
     Need(f"{_LOADER}.base_loader", "BaseModelLoader"),
-    Need(f"{_LOADER}.default_loader", "DefaultModelLoader"),
+    Need(_LOADER, "get_model_loader"),  # the storage loader: vLLM's own for `storage_load_format`
     Need("vllm.config.load", "LoadConfig"),
 )
 PLATFORM = Need("vllm.platforms", "current_platform")

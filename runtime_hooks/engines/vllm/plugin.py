@@ -7,7 +7,7 @@ that builds the model ever uses the loader. A user adds `--load-format mx` and `
 Per worker (TP rank r), inside `MxModelLoader.load_model`:
   check that this vLLM has what the loader uses (`vllm_compat`; else vLLM's default loader reads storage) ->
   build the model without reading weights -> identity -> `RankHook` binds `<MX_ZMQ_ADDRESS>-<r>` ->
-    source: vLLM's default loader reads storage, vLLM's `process_weights_after_loading`, expose;
+    source: vLLM's loader for `storage_load_format` (default auto) reads storage, its post-processing, expose;
     target: vLLM's dummy loader, the same post-processing (same layout), expose, wait for weights_ready,
             refresh host-side state derived from the weights;
     no sidecar within MX_SIDECAR_TIMEOUT: the default loader reads storage (logged).
@@ -165,7 +165,7 @@ def _build_loader_class(hooks: VllmHooks) -> type:
     # only lazily (this module imports without vLLM); each method stays short.
     from vllm.config.load import LoadConfig
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
-    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+    from vllm.model_executor.model_loader import get_model_loader
 
     class MxModelLoader(BaseModelLoader):  # type: ignore[misc,valid-type]
         """Load format `mx`: weights from a live replica through the mx sidecar, else from storage."""
@@ -179,11 +179,12 @@ def _build_loader_class(hooks: VllmHooks) -> type:
                 raise ValueError(f"{EXTRA_STORAGE_FORMAT} cannot be {LOAD_FORMAT!r}")
             timeout = extra.pop(EXTRA_SIDECAR_TIMEOUT, None)
             self.sidecar_timeout = float(timeout) if timeout is not None else None
-            # What a source (or a fallback) runs: vLLM's own default loader, never a copy of its logic.
+            # What a source (or a fallback) runs: vLLM's own loader for that format (auto, safetensors, sharded_state,
+            # runai_streamer, tensorizer, ...), never a copy of its logic; an unknown format fails here, at start.
             self.storage_config = dataclasses.replace(
                 load_config, load_format=storage_format, model_loader_extra_config=extra
             )
-            self.storage_loader = DefaultModelLoader(self.storage_config)
+            self.storage_loader = get_model_loader(self.storage_config)
 
         def download_model(self, model_config: Any) -> None:
             self.storage_loader.download_model(model_config)
