@@ -164,8 +164,8 @@ def _build_loader_class(hooks: VllmHooks) -> type:
     # Longer than 60 lines: it is the body of one class, defined here because vLLM's base class may be imported
     # only lazily (this module imports without vLLM); each method stays short.
     from vllm.config.load import LoadConfig
-    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
     from vllm.model_executor.model_loader import get_model_loader
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
     class MxModelLoader(BaseModelLoader):  # type: ignore[misc,valid-type]
         """Load format `mx`: weights from a live replica through the mx sidecar, else from storage."""
