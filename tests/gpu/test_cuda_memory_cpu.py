@@ -15,6 +15,20 @@ def test_modules_import_without_touching_cuda() -> None:
     assert ops.mem_type == "VRAM" and ops.device_id == 3
 
 
+def test_no_driver_means_no_devices() -> None:
+    """Without cuda-bindings (CPU CI) or without libcuda, driver() raises CudaError and no GPU is visible."""
+    import importlib.util
+
+    import sidecar.memory.cuda as cm
+
+    if importlib.util.find_spec("cuda") is not None and importlib.util.find_spec("cuda.bindings") is not None:
+        pytest.skip("cuda-bindings is installed here")
+    with pytest.raises(cm.CudaError, match="cuda-bindings"):
+        cm.driver()
+    assert cm.visible_device_count() == 0
+    assert cm._driver is None
+
+
 def test_hook_module_imports() -> None:
     pytest.importorskip("torch")
     import runtime_hooks.cuda_ipc as ci
@@ -69,7 +83,7 @@ def test_batched_checksum_kernel_equals_the_reference_in_tritons_cpu_interpreter
     code = """
 import numpy as np, torch
 from sidecar.memory.checksum_kernel import mxs1_blocks
-from sidecar.memory.cuda import _P31, _format_checksum, combine_blocks, plan_blocks, reference_checksum
+from sidecar.memory.checksum import _P31, _format_checksum, combine_blocks, plan_blocks, reference_checksum
 buf = torch.from_numpy(np.random.default_rng(1).integers(0, 256, 1 << 16, dtype=np.uint8))
 raw, base, block = buf.numpy().tobytes(), buf.data_ptr(), 256
 for items in ([(0, 4), (4, 1020), (1024, 4 * block), (8192, 4 * block + 4), (20000, 3 * 4 * block + 8)],
