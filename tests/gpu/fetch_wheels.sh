@@ -68,7 +68,7 @@ fi
 # day (resolved once for CPython 3.12 and checked there: the recipe in the project's shared notes). Left out: the heavy
 # optional CUDA packages (flashinfer, cutlass-dsl, tilelang, tokenspeed, nvcc, ...) and mistral-common; pyzmq and
 # msgspec come in the sidecar's versions. apache-tvm-ffi 0.1.11: xgrammar 0.2.8 imports it while vLLM defines its
-# structured-output classes (vLLM pins 0.1.10, which xgrammar 0.2.8 refuses).
+# structured-output classes (vLLM pins 0.1.10, which xgrammar 0.2.8 refuses). uvicorn comes in the sidecar's version too.
 VLLM=(vllm==0.26.0 apache-tvm-ffi==0.1.11
   annotated-types==0.8.0 anthropic==0.120.0 astor==0.8.1 blake3==1.0.9 cachetools==7.1.6 cbor2==6.1.3 cffi==2.1.0
   compressed-tensors==0.17.0 cryptography==49.0.0 depyf==0.20.0 detect-installer==0.1.0 dill==0.4.1 distro==1.9.0
@@ -85,7 +85,7 @@ VLLM=(vllm==0.26.0 apache-tvm-ffi==0.1.11
   pydantic-extra-types==2.11.1 pydantic-settings==2.14.2 pyjwt==2.13.0 python-dotenv==1.2.2 python-json-logger==4.1.0
   python-multipart==0.0.32 referencing==0.37.0 rich-toolkit==0.20.3 rignore==0.8.0 rpds-py==2026.6.3
   sentry-sdk==2.66.1 setproctitle==1.3.7 sniffio==1.3.1 sse-starlette==3.4.6 starlette==1.3.1 supervisor==4.3.0
-  typing-inspection==0.4.2 uvicorn==0.51.0 watchfiles==1.2.0 websockets==16.1.1 xgrammar==0.2.8)
+  typing-inspection==0.4.2 watchfiles==1.2.0 websockets==16.1.1 xgrammar==0.2.8)
 # Trimmed from the installed tree (their imports are guarded in vLLM 0.26): FlashAttention 2 (vLLM picks FA3 on
 # Hopper; FA3 is kept), the MoE kernels (dense models only), the Rust front end (VLLM_USE_RUST_FRONTEND=0), deep_gemm
 # builds for other Pythons; from nixl, the expert-parallel package built for other torch versions and UCX perftest.

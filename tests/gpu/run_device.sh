@@ -15,6 +15,7 @@
 #   bash tests/gpu/run_device.sh smoke       # check + a small benchmark (one GPU is enough)
 #   bash tests/gpu/run_device.sh levers      # CUDA IPC import + device checksum levers (before/after)
 #   bash tests/gpu/run_device.sh vllm        # GPU tests + the vLLM check (needs every carried part)
+#   bash tests/gpu/run_device.sh vllm-only   # the vLLM check alone (auto and fp8 KV cache; MX_VLLM_KV to choose)
 #   bash tests/gpu/run_device.sh ttr         # time-to-ready levers before/after (carry .gpu-carry/before: a
 #                                            #   `git archive <commit> sidecar runtime_hooks` of the "before")
 #   bash tests/gpu/run_device.sh ttr-check   # ttr + the GPU tests
@@ -97,10 +98,15 @@ if [ "$MODE" = ttr ] || [ "$MODE" = ttr-check ]; then
   MX_BEFORE_TREE=${MX_BEFORE_TREE:-$CARRY/before} timeout 420 python3 tests/gpu/ttr_bench.py > "$RAW/ttr.txt" 2>&1 || rc=1
   tail -45 "$RAW/ttr.txt" | tee -a "$SUMMARY"
 fi
-if [ "$MODE" = vllm ]; then
-  echo "== vLLM with --load-format mx on the GPU" | tee -a "$SUMMARY"
-  timeout 480 python3 tests/gpu/vllm_gpu_check.py > "$RAW/vllm.txt" 2>&1 || rc=1
-  tail -40 "$RAW/vllm.txt" | tee -a "$SUMMARY"
+if [ "$MODE" = vllm ] || [ "$MODE" = vllm-only ]; then
+  echo "== vLLM with --load-format mx on the GPU (then with an fp8 KV cache unless MX_VLLM_KV=auto)" | tee -a "$SUMMARY"
+  timeout 300 python3 tests/gpu/vllm_gpu_check.py > "$RAW/vllm.txt" 2>&1 || rc=1
+  tail -25 "$RAW/vllm.txt" | tee -a "$SUMMARY"
+  for kv in ${MX_VLLM_KV:-fp8}; do
+    [ "$kv" = auto ] && continue
+    timeout 300 python3 tests/gpu/vllm_gpu_check.py --kv-cache-dtype "$kv" > "$RAW/vllm_$kv.txt" 2>&1 || rc=1
+    tail -25 "$RAW/vllm_$kv.txt" | tee -a "$SUMMARY"
+  done
 fi
 if [ "$MODE" = check ] || [ "$MODE" = bench ] || [ "$MODE" = smoke ] || [ "$MODE" = vllm ] || [ "$MODE" = ttr-check ]; then
   echo "== GPU tests" | tee -a "$SUMMARY"

@@ -54,6 +54,7 @@ def main() -> int:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--kv-cache-dtype", default="auto", help="e.g. fp8: the KV-cache scales are derived state")
     a = p.parse_args()
     os.environ.update({k: v for k, v in VLLM_ENV.items() if k not in os.environ})
     out_dir = Path(os.environ.get("OUT", ".gpu-out"))
@@ -62,9 +63,11 @@ def main() -> int:
     t0 = time.monotonic()
     ckpt = make_tiny_llama(work / "tiny", "bfloat16", hidden=a.hidden, layers=a.layers,
                            intermediate=a.hidden * 2, heads=max(1, a.hidden // 64), kv_heads=max(1, a.hidden // 128))
-    rep: dict[str, Any] = {"model": {"hidden": a.hidden, "layers": a.layers, "dtype": "bfloat16"},
+    rep: dict[str, Any] = {"model": {"hidden": a.hidden, "layers": a.layers, "dtype": "bfloat16",
+                                     "kv_cache_dtype": a.kv_cache_dtype},
                            "checkpoint_s": round(time.monotonic() - t0, 2)}
-    eargs = ["--gpu-memory-utilization", a.gpu_memory_utilization]
+    eargs = ["--gpu-memory-utilization", a.gpu_memory_utilization, "--kv-cache-dtype", a.kv_cache_dtype]
+    suffix = "" if a.kv_cache_dtype == "auto" else f"_{a.kv_cache_dtype}"
     ok = False
     made: list[VllmReplica] = []
     try:
@@ -112,11 +115,11 @@ def main() -> int:
             r.stop()
         logs = {f"{r.name}-{kind}": proc.lines[-300:] for r in made
                 for kind, proc in (("engine", r.engine), ("sidecar", r.sidecar)) if proc is not None}
-        (out_dir / "vllm_gpu_logs.txt").write_text(
+        (out_dir / f"vllm_gpu{suffix}_logs.txt").write_text(
             "\n".join(f"===== {k}\n" + "\n".join(v) for k, v in logs.items()) + "\n")
     rep["ok"] = ok
     rep["wall_s"] = round(time.monotonic() - t0, 1)
-    (out_dir / "vllm_gpu.json").write_text(json.dumps(rep, indent=1))
+    (out_dir / f"vllm_gpu{suffix}.json").write_text(json.dumps(rep, indent=1))
     print(json.dumps({k: v for k, v in rep.items() if k not in ("plain", "source", "target")}, indent=1))
     for k in ("plain", "source", "target"):
         if k in rep:

@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--load-format", default="mx")
     p.add_argument("--storage-load-format", default="", help="mx: the vLLM load format for reading storage")
+    p.add_argument("--kv-cache-dtype", default="auto")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--gpu-memory-utilization", type=float, default=None, help="GPU only (vLLM's default 0.9)")
     p.add_argument("--no-digests", action="store_true")
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.storage_load_format:
         kw["model_loader_extra_config"] = {"storage_load_format": a.storage_load_format}
     llm = LLM(model=a.model, load_format=a.load_format, tensor_parallel_size=a.tp, dtype=a.dtype,
-              skip_tokenizer_init=True, enforce_eager=True, max_model_len=256, max_num_seqs=4, seed=0, **kw)
+              skip_tokenizer_init=True, enforce_eager=True, max_model_len=256, max_num_seqs=4, seed=0,
+              kv_cache_dtype=a.kv_cache_dtype, **kw)
     ready_s = time.monotonic() - T0
     out = llm.generate([{"prompt_token_ids": PROMPT}],
                        SamplingParams(temperature=0, max_tokens=a.max_tokens, ignore_eos=True), use_tqdm=False)

@@ -7,6 +7,7 @@ sidecar run`. Equality is proven by outputs (greedy tokens) and by per-tensor di
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -182,3 +183,37 @@ def test_a_source_and_a_replica_without_a_sidecar_read_storage_through_the_confi
         rep.engine.wait_for(r"rank 0 loaded from storage \(RunaiModelStreamerLoader\)", 5)
     src.wait_serving()
     src.stop()
+
+
+def test_a_replica_whose_kernel_setting_differs_never_copies_and_its_log_names_the_setting(
+        source, ckpt, work, redis_url, replicas, plain_tokens):
+    source[0].wait_serving()
+    d = _start(replicas, "deepgemm", ckpt, work, redis_url, extra_env={"VLLM_USE_DEEP_GEMM": "0"})
+    res = d.result()
+    assert d.outcomes(res) == ["loaded"] and res["tokens"] == plain_tokens
+    line = d.sidecar.wait_for(r"under fingerprint \w+, not ours .*", 10).group(0)
+    assert "extra.env.VLLM_USE_DEEP_GEMM: " in line and "!= (none)" in line, line
+    assert "extra.kernels" not in line and "revision" not in line, "only the setting differs"
+    d.stop()
+
+
+# Last in this module: it changes the shared checkpoint in place.
+def test_one_changed_weight_byte_in_place_is_a_new_checkpoint_that_loads_from_storage(
+        source, ckpt, work, redis_url, replicas):
+    a, res_a = source
+    a.wait_serving()
+    weights = ckpt / "model.safetensors"
+    size = weights.stat().st_size
+    with weights.open("r+b") as f:  # the last byte belongs to the last tensor's data; names, shapes, size unchanged
+        f.seek(size - 1)
+        old = f.read(1)
+        f.seek(size - 1)
+        f.write(bytes([old[0] ^ 0x01]))
+    e = _start(replicas, "changed", ckpt, work, redis_url)
+    res_e = e.result()
+    assert e.outcomes(res_e) == ["loaded"], "a replica of the old bytes must not serve the new checkpoint"
+    assert weights.stat().st_size == size
+    line = e.sidecar.wait_for(r"under fingerprint \w+, not ours .*", 10).group(0)
+    assert re.search(r"revision: local-\w+ != local-\w+", line), line
+    assert res_e["ranks"]["0"]["digests"] != res_a["ranks"]["0"]["digests"], "the new bytes are served"
+    e.stop()
