@@ -95,7 +95,7 @@ TRIM=(vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so vllm/_moe_C_stable_libtorch.abi3.
 
 W=.gpu-carry/wheels
 STAGE=.gpu-carry/stage
-rm -rf .gpu-carry/p[0-9]* "$STAGE" .gpu-carry/SHA256SUMS
+rm -rf .gpu-carry/p[0-9]* "$STAGE" "$W" .gpu-carry/SHA256SUMS  # a stale wheel folder would add its wheels' dependencies
 fetch_sidecar "$W"
 "${DL[@]}" -d "$W" "${VLLM[@]}"
 ls "$W"/*.whl | sed 's#.*/##' | sed -E 's/-[0-9].*//' | sort | uniq -d | grep . && { echo "two versions of one package" >&2; exit 1; }
