@@ -7,7 +7,9 @@ the seeding leases and the targets in flight (readers counted on each source). R
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -250,8 +252,14 @@ async def status(cfg: Config, model: str | None, as_json: bool, watch: float | N
 
     r = connect(cfg)
     keys = Keyring.from_file(cfg.auth_key_file)
+    # Ctrl-C / SIGTERM end the watch between two passes: a KeyboardInterrupt delivered inside a Redis call was
+    # seen to leave the process running (CI, under load: no exit 10 s after SIGINT).
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     try:
-        while True:
+        while not stop.is_set():
             fleet = await read_fleet(r, cfg.redis_prefix, model, cfg.max_message_bytes, redact_url(cfg.redis_url),
                                      keys, explain)
             if as_json:
@@ -260,6 +268,10 @@ async def status(cfg: Config, model: str | None, as_json: bool, watch: float | N
                 print(("\x1b[H\x1b[2J" if watch is not None else "") + render(fleet), flush=True)
             if watch is None:
                 return 0
-            await asyncio.sleep(watch)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), watch)
+        return 0
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
         await r.aclose()
