@@ -20,7 +20,7 @@ from sidecar.config import Config
 from sidecar.coordinator import Candidate
 from sidecar.errors import CoordinatorUnavailable, FatalError, FenceError, Superseded, exit_code, without_verdict
 from sidecar.explain import explain_no_match
-from sidecar.recovery import finish_partial_release, take_over_orphans
+from sidecar.recovery import finish_partial_release, take_over_orphans, wait_for_loads
 from sidecar.roles import decide, renew_lease
 
 
@@ -42,7 +42,7 @@ class Daemon:
         self._named()
         p.agents.prefetch_handles(p.engine, self.log)
         p.sup.spawn("keepalive", p.engine.keepalive())
-        replies = await p.engine.states()
+        replies = await wait_for_loads(p.cfg, p.engine, await p.engine.states(), self.log)
         if all(r.state == "ready" for r in replies):
             self.log.info("engine already holds its weights (it loaded without us); serving them")
             p.metrics.decisions.labels(p.engine.model, "engine_self_loaded").inc()

@@ -8,7 +8,29 @@ import time
 from sidecar.config import Config
 from sidecar.contract.messages import Manifest, Reply
 from sidecar.engine import EngineRanks
+from sidecar.errors import FatalError
 from sidecar.logs import Ctx
+
+
+async def wait_for_loads(cfg: Config, engine: EngineRanks, replies: list[Reply], log: Ctx) -> list[Reply]:
+    """Ranks loading from storage (an earlier sidecar's load, or the engine's own): wait until the loads end,
+    bounded by MX_LOAD_TIMEOUT, and return the ranks' states then. Exiting instead made every restart during a load
+    exit 2 until the load ended: a kubelet back-off of up to 5 minutes on a replica that was nearly ready."""
+    loading = [r for r in replies if r.state == "loading"]
+    if not loading:
+        return replies
+    t0 = time.monotonic()
+    log.warning("%d ranks are loading from storage (an earlier sidecar's load or the engine's own): waiting for the "
+                "load to end (at most MX_LOAD_TIMEOUT=%.0fs), then serving what it loaded", len(loading),
+                cfg.load_timeout)
+    while any(r.state == "loading" for r in replies):
+        if time.monotonic() - t0 > cfg.load_timeout:
+            raise FatalError(f"ranks still loading after MX_LOAD_TIMEOUT={cfg.load_timeout:.0f}s")
+        # Sleeping is the protocol here: the hook sends no notification, its state comes with each ping.
+        await asyncio.sleep(engine.ping_interval())
+        replies = await engine.states()
+    log.info("phase=await_load %.2fs: ranks are %s", time.monotonic() - t0, [r.state for r in replies])
+    return replies
 
 
 def _busy(replies: list[Reply], session: str) -> list[Reply]:

@@ -29,6 +29,24 @@ def _metric(text: str, name: str, **labels: str) -> float:
     raise KeyError(f"{name} {labels} not in metrics")
 
 
+def _hook_state(address: str, rank: int = 0) -> str:
+    """Rank `rank`'s state, from a ping on its hook socket (as any sidecar sees it)."""
+    import zmq
+
+    from sidecar.contract.codec import PROTOCOL_VERSION, encode
+    from sidecar.contract.messages import Reply, Request
+
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.RCVTIMEO, 5000)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(address.replace(".sock", f"-{rank}.sock"))
+    try:
+        s.send(encode(Request(PROTOCOL_VERSION, 1, "ping", "test")))
+        return str(decode(Reply, s.recv()).state)
+    finally:
+        s.close()
+
+
 def _assert_fell_back_to_storage(b, res_a, result: str) -> None:  # type: ignore[no-untyped-def]
     """Replica b's one attempt failed with `result`; its engine loaded from storage, bytes equal to a's."""
     res_b = b.engine_results(timeout=60)
@@ -379,3 +397,24 @@ def test_a_target_whose_engine_derives_other_numbers_from_the_same_bytes_stays_b
     b.sidecar.wait_for(r"derived state differs: rank \d: 1 numbers .* e\.g\. model\.norm\.scale", 10)
     res_b = b.engine_results()
     assert res_b[0]["derived"] == res_a[0]["derived"]
+
+
+def test_a_sidecar_restarted_during_its_own_storage_load_waits_for_it_then_serves_without_an_exit_loop(replicas):
+    a = replicas("a", engine_args=["--load-delay", "6"])
+    a.sidecar.wait_for(r"phase=role .*: seed", 30)
+    deadline = time.monotonic() + 10
+    while _hook_state(a.address) != "loading":  # the sidecar's load_from_storage reached the engine
+        assert time.monotonic() < deadline, "the engine never began loading"
+        time.sleep(0.05)
+    a.sidecar.signal(signal.SIGKILL)  # the sidecar container died while its engine reads storage
+    a.sidecar.p.wait(10)
+    restarted = a.new_sidecar()
+    restarted.wait_for(r"2 ranks are loading from storage .* waiting for the load to end", 30)
+    res_a = a.engine_results()
+    assert [res_a[r]["outcome"] for r in (0, 1)] == ["loaded", "loaded"]
+    restarted.wait_for(r"phase=await_load [\d.]+s: ranks are \['ready', 'ready'\]", 30)
+    a.wait_serving()
+    assert restarted.p.poll() is None, "no exit (exit 2 and a crash-loop back-off before)"
+    b = replicas("b")
+    res_b = b.engine_results()
+    assert res_b[0]["outcome"] == "received" and res_b[0]["digests"] == res_a[0]["digests"]
