@@ -460,3 +460,32 @@ def test_sidecars_listen_only_on_the_metrics_port_and_the_pinned_ucx_range_while
         assert ucx_ports, f"{rep.name}: no UCX listener in {ucx}: {ports}"
         assert ports == {("tcp", rep.metrics_port)} | {("tcp", p) for p in ucx_ports}, ports
         assert _listening(rep.engine.p.pid) == set(), "the engine hook binds ipc:// only"
+
+
+def test_every_manifest_mounts_the_deployment_key_so_that_others_cannot_read_it():
+    # The sidecar refuses a key file others may read (sidecar.contract.auth.Keyring.from_file); a Secret volume's
+    # default mode, 0644, would make the sidecar of every pod of such a manifest refuse to start.
+    found = []
+    for path in sorted(DEPLOY.rglob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            for vol in _walk_volumes(doc):
+                secret = vol.get("secret") or {}
+                if secret.get("secretName") == "mx-auth-key":
+                    mode = secret.get("defaultMode", 0o644)
+                    found.append((path.name, mode))
+                    assert not mode & 0o027, f"{path}: mx-auth-key mounted with mode {mode:04o}"
+    assert len(found) >= 4, found  # deploy/base and the three TRT-LLM examples
+
+
+def _walk_volumes(node: object) -> list[dict]:  # type: ignore[type-arg]
+    out: list[dict] = []  # type: ignore[type-arg]
+    if isinstance(node, dict):
+        vols = node.get("volumes")
+        if isinstance(vols, list):
+            out += [v for v in vols if isinstance(v, dict)]
+        for v in node.values():
+            out += _walk_volumes(v)
+    elif isinstance(node, list):
+        for v in node:
+            out += _walk_volumes(v)
+    return out

@@ -127,6 +127,7 @@ def test_replicas_with_different_keys_never_copy_from_each_other(replicas, tmp_p
     a.wait_serving()
     other = tmp_path / "other.key"
     other.write_bytes(secrets.token_bytes(32))
+    other.chmod(0o600)
     b = replicas("b", extra_env={**keyed, "MX_AUTH_KEY_FILE": str(other)})
     assert b.engine_results()[0]["outcome"] == "loaded"
 
@@ -154,16 +155,21 @@ def test_a_replayed_or_stale_hello_is_refused_by_the_source():
     assert "old" in srv._fresh_hello(Hello(PROTOCOL_VERSION, "b" * 32, 0, "r", "d", time.time() - 3600))
 
 
-def test_a_short_or_world_writable_key_file_is_refused(tmp_path):
+def test_a_short_key_or_a_key_file_others_may_read_or_its_group_may_write_is_refused(tmp_path):
     short = tmp_path / "short"
     short.write_bytes(b"x" * 8)
+    short.chmod(0o600)
     with pytest.raises(ValueError, match="at least"):
         Keyring.from_file(str(short))
-    loose = tmp_path / "loose"
-    loose.write_bytes(b"x" * 32)
-    os.chmod(loose, 0o666)
-    with pytest.raises(ValueError, match="world-writable"):
-        Keyring.from_file(str(loose))
+    key = tmp_path / "key"
+    key.write_bytes(b"x" * 32)
+    for mode in (0o644, 0o604, 0o666, 0o620, 0o601):  # 0644: a Kubernetes Secret volume's default mode
+        key.chmod(mode)
+        with pytest.raises(ValueError, match=f"mode {mode:04o}"):
+            Keyring.from_file(str(key))
+    for mode in (0o400, 0o440, 0o600, 0o640):  # 0440: deploy/'s defaultMode 288 with the pod's fsGroup
+        key.chmod(mode)
+        assert Keyring.from_file(str(key)).enabled
 
 
 def test_with_a_key_a_redis_reader_cannot_load_a_sidecars_nixl_metadata(replicas, redis_server, keyed):
@@ -190,9 +196,11 @@ def test_a_binary_key_keeps_its_whitespace_bytes_and_a_text_key_loses_its_newlin
     raw = b"\x00 " + b"k" * 30 + b" \n"  # binary (a NUL byte) with whitespace at both ends: every byte counts
     binary = tmp_path / "bin"
     binary.write_bytes(raw)
+    binary.chmod(0o600)
     assert Keyring.from_file(str(binary)).mac("peer", b"x") == Keyring(raw).mac("peer", b"x")
     text = tmp_path / "txt"
     text.write_bytes(b"  " + b"k" * 34 + b" \n")  # as `openssl rand -base64` or a Secret's stringData writes it
+    text.chmod(0o600)
     assert Keyring.from_file(str(text)).mac("peer", b"x") == Keyring(b"k" * 34).mac("peer", b"x")
     with pytest.raises(FileNotFoundError):
         Keyring.from_file(str(tmp_path / "missing"))

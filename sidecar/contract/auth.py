@@ -45,13 +45,17 @@ class Keyring:
 
     @classmethod
     def from_file(cls, path: str) -> Keyring:
-        """Empty path: no key. A key file readable by others than its owner is refused (it is a secret)."""
+        """Empty path: no key. The key is a secret: a file that others (not owner, not group) may read, write or
+        execute, or that its group may write, is refused. 0400/0600, or 0440/0640 for a Kubernetes Secret mounted
+        with `defaultMode: 288` and the pod's fsGroup (deploy/base), pass; the Secret default 0644 does not."""
         if not path:
             return cls(None)
         p = Path(path)
         st = p.stat()  # FileNotFoundError names the path: a clear start-up error
-        if st.st_mode & stat.S_IWOTH:
-            raise ValueError(f"{path}: the deployment key file is world-writable")
+        if st.st_mode & (stat.S_IRWXO | stat.S_IWGRP):
+            raise ValueError(f"{path}: the deployment key file is mode {stat.S_IMODE(st.st_mode):04o}; it must not be "
+                             "readable or writable by others nor writable by its group (0400, 0440, 0600 or 0640; "
+                             "a Kubernetes Secret volume: defaultMode: 288)")
         data = p.read_bytes()
         # A text key (`openssl rand -base64 32`, a Secret's stringData) loses its surrounding whitespace; a binary
         # key is taken as it is: stripping it cut random bytes that happened to be whitespace (seen in CI).

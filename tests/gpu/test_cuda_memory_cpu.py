@@ -101,3 +101,22 @@ print("ok", meta.shape[1])
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-3000:]
+
+
+def test_the_device_checksum_is_not_a_mac_a_crafted_three_word_edit_passes_it() -> None:
+    # docs/SECURITY-NIXL.md says so: mxs1 catches corruption and blind writes, not a writer who knows it.
+    from sidecar.memory.checksum import reference_checksum
+
+    words = [1_000_000 + 7 * i for i in range(64)]
+    i, j = 5, 20
+    edited = list(words)
+    k = 1234
+    edited[i] += k
+    edited[j] -= 2 * k
+    edited[2 * j - i] += k  # word sum unchanged; position-weighted sum changes by k * (i - 2j + (2j - i)) = 0
+    before, after = (struct.pack(f"<{len(w)}I", *w) for w in (words, edited))
+    assert before != after
+    assert reference_checksum(before) == reference_checksum(after)
+    blind = bytearray(before)
+    blind[40:44] = b"\x55\x55\x55\x55"  # a blind overwrite is caught
+    assert reference_checksum(bytes(blind)) != reference_checksum(before)
