@@ -176,6 +176,12 @@ class Daemon:
         p.metrics.ready = False
         await p.failpoints.ahit("shutdown")  # tests: keep /healthz observable a moment before the exit
         await p.sup.close()
+        if p.engine.unfenced and not self._no_verdict:
+            self.log.error("READs of ranks %s could not be confirmed finished: exiting WITHOUT a verdict (no abort); "
+                           "the engine stays blocked until a new sidecar takes over (fail closed)",
+                           sorted(p.engine.unfenced))
+            self._no_verdict = True
+            self._exit_code = self._exit_code or exit_code(FenceError("unfenced"))
         if p.engine.links and not self._released and not self._no_verdict:
             # Stopped mid-way (SIGTERM, fatal error) with every READ fenced: whatever landed is void. The hook
             # goes back to waiting, so a restarted sidecar starts over and a dead one times out into storage.

@@ -43,6 +43,9 @@ class EngineRanks:
         self.fp = ""
         self._last_ok_sent: dict[int, float] = {}  # rank -> send time of its newest answered ping
         self.observers: list[Callable[[int, Reply], None]] = []
+        # Ranks whose READs could not be confirmed finished (FenceError): no verdict may be given on them, not even
+        # `abort` at shutdown; only this process's exit ends those READs.
+        self.unfenced: set[int] = set()
 
     # -------------------------------------------------------------- connect
     async def connect(self, ctx: zmq.asyncio.Context) -> list[Manifest]:

@@ -93,11 +93,13 @@ class Inflight:
 
     async def drain(self, timeout: float) -> bool:
         """True once no READ is in flight (each finished or failed); False if that cannot be confirmed in time."""
-        try:
-            self._fp.hit("drain")
+        end = time.monotonic() + timeout
+        try:  # tests: `drain=sleep:S` stands for READs that take S seconds to confirm, `drain=raise` for never
+            await self._fp.ahit("drain")
         except RuntimeError:
             return False
-        end = time.monotonic() + timeout
+        if time.monotonic() > end:
+            return False
         while self.reads:
             still = []
             for r in self.reads:

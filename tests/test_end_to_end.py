@@ -418,3 +418,45 @@ def test_a_sidecar_restarted_during_its_own_storage_load_waits_for_it_then_serve
     b = replicas("b")
     res_b = b.engine_results()
     assert res_b[0]["outcome"] == "received" and res_b[0]["digests"] == res_a[0]["digests"]
+
+
+def _wedged_source(replicas):  # type: ignore[no-untyped-def]
+    """A source that is in Redis (long TTL) and answers nothing: a target that pulls from it waits mid-receive."""
+    a = replicas("a", extra_env={"MX_HEARTBEAT_INTERVAL": "5", "MX_SOURCE_TTL": "30"})
+    a.engine_results()
+    a.wait_serving()
+    a.sidecar.signal(signal.SIGSTOP)
+    return a
+
+
+def test_sigterm_mid_receive_waits_for_the_read_drain_before_it_aborts(replicas):
+    a = _wedged_source(replicas)
+    try:
+        # The drain takes 4 s to confirm (a failpoint standing for READs still in flight), within MX_STALL_TIMEOUT.
+        b = replicas("b", sidecar_timeout=30,
+                     extra_env={"MX_STALL_TIMEOUT": "20", "MX_TEST_FAILPOINTS": "drain=sleep:4"})
+        b.sidecar.wait_for(r"pulling .* from", 30)
+        t0 = time.monotonic()
+        b.sidecar.signal(signal.SIGTERM)
+        while time.monotonic() - t0 < 3:  # no verdict, not even abort, while the READs may land
+            assert _hook_state(b.address) == "receiving"
+            time.sleep(0.2)
+        assert b.sidecar.p.wait(20) == 0
+        assert time.monotonic() - t0 >= 4
+        assert _hook_state(b.address) == "waiting", "the drained attempt is void: the engine waits again"
+    finally:
+        a.sidecar.signal(signal.SIGCONT)
+
+
+def test_sigterm_mid_receive_with_a_drain_it_cannot_confirm_exits_without_a_verdict(replicas):
+    a = _wedged_source(replicas)
+    try:
+        b = replicas("b", sidecar_timeout=30,
+                     extra_env={"MX_STALL_TIMEOUT": "3", "MX_TEST_FAILPOINTS": "drain=sleep:5"})
+        b.sidecar.wait_for(r"pulling .* from", 30)
+        b.sidecar.signal(signal.SIGTERM)
+        assert b.sidecar.p.wait(20) == 4  # exit code of a fence failure (sidecar/errors.py)
+        b.sidecar.wait_for(r"exiting WITHOUT a verdict", 5)
+        assert _hook_state(b.address) == "receiving", "no abort: READs may still land; a new sidecar takes over"
+    finally:
+        a.sidecar.signal(signal.SIGCONT)

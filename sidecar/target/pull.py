@@ -120,9 +120,23 @@ def _plan(cfg: Config, rank: RankMemory, src: RankSource) -> Plan:
 
 async def _end(cfg: Config, reads: Inflight, router: PeerRouter, session: str, keys: Keyring, log: Ctx,
                rank: int, complete: bool) -> None:
-    """The fence: never leave a READ in flight, it could land after a fallback wrote these tensors from storage."""
+    """The fence: never leave a READ in flight, it could land after a fallback wrote these tensors from storage.
+
+    A cancellation (SIGTERM, a sibling rank failed) does not cut the drain short: it waits for the drain's own
+    bound, then goes on. (Measured before: the daemon's cancel ended the drain after ~1 s and sent `abort` while
+    READs could still land.)"""
     tr, peer = reads.tr, reads.peer
-    drained = await reads.drain(cfg.stall_timeout)
+    drain = asyncio.ensure_future(reads.drain(cfg.stall_timeout))
+    cancelled = False
+    while True:
+        try:
+            drained = await asyncio.shield(drain)
+            break
+        except asyncio.CancelledError:
+            cancelled = True
+            if drain.done():
+                drained = drain.result()
+                break
     router.close(session)
     try:
         tr.send(peer, encode(keys.sign_msg("peer", Bye(PROTOCOL_VERSION, session, complete))))
@@ -132,6 +146,8 @@ async def _end(cfg: Config, reads: Inflight, router: PeerRouter, session: str, k
         tr.disconnect(peer)  # best effort; only the process exit is proof
         raise FenceError(f"rank {rank}: {len(reads)} READs still in flight after {cfg.stall_timeout:.0f}s")
     tr.remove_peer(peer)
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 def _report(metrics: Metrics, log: Ctx, rank: int, src: RankSource, moved: int, t0: float,

@@ -12,6 +12,7 @@ from typing import Literal
 from sidecar.config import Config
 from sidecar.contract.auth import AuthError, Keyring
 from sidecar.contract.codec import ProtocolError
+from sidecar.contract.messages import RankSource
 from sidecar.coordinator import Candidate, Coordinator
 from sidecar.engine import EngineRanks
 from sidecar.errors import (
@@ -31,7 +32,7 @@ from sidecar.memory.rank_memory import RankMemory
 from sidecar.metrics import Metrics
 from sidecar.peers import PeerRouter
 from sidecar.target.pull import pull_rank
-from sidecar.target.verify import verify_derived, verify_rank
+from sidecar.target.verify import StreamingVerifier, verify_derived, verify_rank
 from sidecar.transport import Transport
 
 Result = Literal["ok", "verify_failed", "derived_mismatch", "refused_layout", "refused_auth", "source_failed",
@@ -154,10 +155,17 @@ class Receiver:
             self.log.warning("transfer ran at %.2f GB/s, below MX_SLOW_LINK_GBPS=%.2f: check UCX_TLS / the "
                              "fabric (UCX may have fallen back to TCP)", gbps, self.cfg.slow_link_gbps)
 
+    async def _pull_one(self, r: int, rm: RankMemory, src: RankSource, meta: bytes) -> tuple[int, StreamingVerifier]:
+        try:
+            return await pull_rank(self.cfg, rm, src, meta, self.router, self.metrics, self.log, self.keys,
+                                   self.engine.write_guard(r), self.failpoints)
+        except FenceError:
+            # Recorded here, in the rank's own task: a cancelled gather above it would report CancelledError only.
+            self.engine.unfenced.add(r)
+            raise
+
     async def _pull_all(self, ranks: dict[int, RankMemory], by_rank: dict, metas: dict) -> list:  # type: ignore[type-arg]
-        tasks = [asyncio.ensure_future(pull_rank(self.cfg, rm, by_rank[r], metas[by_rank[r].agent], self.router,
-                                                 self.metrics, self.log, self.keys, self.engine.write_guard(r),
-                                                 self.failpoints))
+        tasks = [asyncio.ensure_future(self._pull_one(r, rm, by_rank[r], metas[by_rank[r].agent]))
                  for r, rm in ranks.items()]
         try:
             return list(await asyncio.gather(*tasks))
