@@ -179,6 +179,28 @@ def test_sidecar_probes_use_readyz_and_healthz_and_the_startup_probe_never_waits
         assert _engine(objs)["readinessProbe"]["httpGet"]["path"] == "/health"
 
 
+def _grace_covers_the_drain(pod: dict[str, Any], env: dict[str, str], where: str) -> None:
+    # A SIGTERM mid-receive waits for the READ drain (bounded by MX_STALL_TIMEOUT) before it aborts; a grace period
+    # shorter than that makes the kubelet's SIGKILL end it: still safe (no verdict), only slower to recover.
+    grace = int(pod["spec"].get("terminationGracePeriodSeconds", 30))
+    stall = float(env.get("MX_STALL_TIMEOUT", "30"))
+    assert grace >= stall + 10, f"{where}: terminationGracePeriodSeconds {grace} < MX_STALL_TIMEOUT {stall:.0f} + 10"
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
+def test_the_grace_period_covers_a_read_drain_after_sigterm(rendered, variant):
+    _, objs = rendered[_ids(variant)]
+    _grace_covers_the_drain(_pod(objs), _env(objs, _sidecar(objs)), _ids(variant))
+
+
+def test_the_trtllm_examples_grace_periods_cover_a_read_drain_after_sigterm():
+    for f in sorted((DEPLOY / "examples" / "trtllm").glob("*.yaml")):
+        pod = find(docs(f.read_text()), "Deployment")["spec"]["template"]
+        env = {e["name"]: e["value"] for c in pod["spec"].get("containers", []) + pod["spec"].get("initContainers", [])
+               for e in c.get("env", []) if "value" in e}
+        _grace_covers_the_drain(pod, env, f.name)
+
+
 @pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
 def test_the_sidecar_requests_no_gpu_and_sees_the_engines_gpus_through_the_nvidia_runtime(rendered, variant):
     _, objs = rendered[_ids(variant)]
