@@ -10,6 +10,7 @@ from typing import Any
 from sidecar.contract.messages import CudaIpcHandle, Manifest
 from sidecar.coordinator import Coordinator
 from sidecar.engine import EngineRanks
+from sidecar.errors import CoordinatorUnavailable
 from sidecar.failpoints import Failpoints
 from sidecar.logs import Ctx
 from sidecar.memory.prefetch import HandlePrefetch
@@ -32,6 +33,7 @@ class Agents:
         self._early: asyncio.Task[None] | None = None
         self.create_s = 0.0
         self.prefetch: HandlePrefetch | None = None  # the engine's handles mapped ahead, for the first import
+        self._published: dict[str, bytes] = {}  # agent name -> the metadata put_all last published
 
     def start_early(self) -> None:
         """Agents for every visible GPU (else host memory), before the engine is even up (0.5-1.3 s each)."""
@@ -106,7 +108,22 @@ class Agents:
 
     async def put_all(self, coord: Coordinator) -> None:
         for tr in self.transports.values():
-            await coord.put_agent(tr.name, tr.metadata())
+            meta = self._published[tr.name] = tr.metadata()
+            await coord.put_agent(tr.name, meta)
+
+    async def keep_published(self, coord: Coordinator, interval: float, log: Ctx) -> None:
+        """A target's metadata, kept in Redis until it becomes a source (whose heartbeat keeps it then): a source
+        needs it to answer the target at all. Measured before: it expired after MX_SOURCE_TTL, so after one stalled
+        source every later candidate dropped the target's Hello unanswered (one more stall each, then storage).
+        It re-puts the bytes `put_all` published, taken before engine memory was registered: metadata taken now
+        would list that memory, and its holder could WRITE it (docs/SECURITY-NIXL.md)."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                for name, meta in self._published.items():
+                    await coord.put_agent(name, meta)
+            except CoordinatorUnavailable as e:  # the next round tries again; a source may still have it cached
+                log.warning("cannot refresh this target's agent metadata: %s", e)
 
     def names(self) -> list[str]:
         return [tr.name for tr in self.transports.values()]

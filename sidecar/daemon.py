@@ -98,6 +98,7 @@ class Daemon:
         # Published before engine memory is registered: the source needs it only to answer us, and a holder of
         # metadata that lists registered memory can WRITE it (docs/SECURITY-NIXL.md).
         await p.agents.put_all(p.coord)
+        refresh = p.sup.spawn("agent_refresh", p.agents.keep_published(p.coord, p.cfg.source_ttl / 3, self.log))
         ranks = await p.agents.import_ranks(manifests, p.publisher.ranks, p.engine.model, p.metrics, self.log)
         p.publisher.adopt(ranks)
         try:
@@ -112,6 +113,7 @@ class Daemon:
                     await p.publisher.become_source(manifests, verified=True)
                     return
         finally:
+            refresh.cancel()
             p.receiver.release_peers()
         self.log.warning("no source delivered; falling back to storage")
         p.metrics.transfers.labels(p.engine.model, "target", "fell_back_to_storage").inc()

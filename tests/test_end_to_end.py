@@ -460,3 +460,33 @@ def test_sigterm_mid_receive_with_a_drain_it_cannot_confirm_exits_without_a_verd
         assert _hook_state(b.address) == "receiving", "no abort: READs may still land; a new sidecar takes over"
     finally:
         a.sidecar.signal(signal.SIGCONT)
+
+
+def test_after_a_stalled_first_source_the_second_serves_within_one_stall_timeout(replicas, redis_server):
+    long_ttl = {"MX_HEARTBEAT_INTERVAL": "5", "MX_SOURCE_TTL": "30"}
+    a1 = replicas("a1", extra_env=long_ttl)
+    a2 = replicas("a2", extra_env=long_ttl)
+    a1.engine_results()
+    a2.engine_results()
+    a1.wait_serving()
+    a2.wait_serving()
+    ids = {re.search(r"published (\S+) as a source", "\n".join(r.sidecar.lines)).group(1): r  # type: ignore
+           for r in (a1, a2)}
+    r = redis.Redis.from_url(redis_server.url)
+    fp = _record(r.get(next(iter(r.scan_iter("mx:*:src:*"))))).fingerprint
+    a2_id = next(i for i, rep in ids.items() if rep is a2)
+    r.set(f"mx:{fp}:readers:{a2_id}", 5)  # busier: the target tries the wedged a1 first
+    a1.sidecar.signal(signal.SIGSTOP)
+    try:
+        # The target's own metadata lives MX_SOURCE_TTL=3 s; the first source stalls it for 6 s.
+        b = replicas("b", sidecar_timeout=30, extra_env={"MX_STALL_TIMEOUT": "6", "MX_SOURCE_TTL": "3",
+                                                         "MX_HEARTBEAT_INTERVAL": "1"})
+        res_b = b.engine_results(timeout=60)
+        assert [res_b[x]["outcome"] for x in (0, 1)] == ["received", "received"], "not storage"
+        a1_id = next(i for i, rep in ids.items() if rep is a1)
+        stalled = b.sidecar.wait_for(r"source failed: no Welcome from the source within 6s", 5)
+        assert f"peer={a1_id}" in stalled.string
+        served = b.sidecar.wait_for(r"phase=receive .* every checksum verified", 5)
+        assert f"peer={a2_id}" in served.string
+    finally:
+        a1.sidecar.signal(signal.SIGCONT)
