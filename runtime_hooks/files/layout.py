@@ -51,7 +51,7 @@ def check_relpath(path: str) -> str:
     if any(ord(c) < 32 or c == "\x7f" for c in path):
         raise LayoutError(f"file path {path[:80]!r} has control characters")
     parts = path.split("/")
-    if any(p in ("", ".", "..") for p in parts) or parts[0].startswith(".mx-incoming"):
+    if any(p in ("", ".", "..") for p in parts) or parts[0].startswith(".mx-"):  # staging folders, markers
         raise LayoutError(f"file path {path[:80]!r} has an empty, '.', '..' or reserved component")
     return path
 

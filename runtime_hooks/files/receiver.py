@@ -24,6 +24,7 @@ import torch
 from runtime_hooks.exposure import ModelIdentity
 from runtime_hooks.files.buffers import alloc_file_buffer, host_chunks, resolve_devices, usable_mem_types
 from runtime_hooks.files.errors import FilesError, SidecarVanished, SourceNotFound, TransferFailed
+from runtime_hooks.files.install import install, make_staging
 from runtime_hooks.files.layout import FileSpec, LayoutError, SourceLayout, files_identity, layout_from_record
 from runtime_hooks.files.ranks import close_hooks, run_hooks
 from runtime_hooks.hook import RankHook
@@ -36,7 +37,6 @@ from sidecar.redis_client import connect as connect_redis
 
 log = logging.getLogger("mx.files")
 
-STAGING_PREFIX = ".mx-incoming-"
 _QUARANTINE: list[dict[str, torch.Tensor]] = []  # buffers a vanished sidecar may still write: never freed
 
 __all__ = ["FileReceiver", "FileTargetAdapter", "RankStats", "ReceiveResult", "layouts_of", "read_source_records",
@@ -184,10 +184,12 @@ class FileTargetAdapter:
             dest = self.staging / s.path
             dest.parent.mkdir(parents=True, exist_ok=True)
             h = hashlib.sha256()
-            with open(dest, "wb") as f:
+            with open(dest, "xb") as f:  # a fresh folder of ours: nothing may already be there
                 for mv in host_chunks(self._tensors[s.entry_name]):
                     h.update(mv)
                     f.write(mv)
+                f.flush()
+                os.fsync(f.fileno())
             if h.hexdigest() != s.sha256:
                 self.error = TransferFailed(
                     f"transfer failed: rank {self.rank} {s.path}: SHA-256 {h.hexdigest()} != the source's {s.sha256}; "
@@ -259,8 +261,7 @@ class FileReceiver:
         if free < lay.total_bytes:
             raise FilesError(f"{self.dest} has {free / 1e9:.2f} GB free, the files of {self.model_name} need "
                              f"{lay.total_bytes / 1e9:.2f} GB")
-        staging = self.dest / f"{STAGING_PREFIX}{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
+        staging = make_staging(self.dest)
         try:
             for r, specs in enumerate(lay.ranks):
                 if devices[r].startswith("cuda"):
@@ -287,7 +288,11 @@ class FileReceiver:
             if any(o != "received" for o in outcomes):  # cannot happen: a files target has no other way to be ready
                 raise TransferFailed(f"ranks ended {outcomes}, not received")
             self._log_rates()
-            self._move_into_place(staging)
+            stale = install(staging, self.dest, self.model_name, {s.path: s.sha256 for a in self.adapters
+                                                                   for s in a.specs})
+            if stale:
+                log.info("removed %d files an earlier receive wrote that %s no longer has (e.g. %s)", len(stale),
+                         self.model_name, stale[0])
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         t_end = time.monotonic()
@@ -321,24 +326,6 @@ class FileReceiver:
                      a.nbytes * 8 / dt / 1e9)
         dt = max(last - first, 1e-9)
         log.info("Transfer complete: %.2f GB total in %.2fs (%.1f Gbps)", total / 1e9, dt, total * 8 / dt / 1e9)
-
-    def _move_into_place(self, staging: Path) -> None:
-        root = self.dest.resolve()
-        published = {s.path for a in self.adapters for s in a.specs}
-        for a in self.adapters:
-            for s in a.specs:
-                dest = self.dest / s.path
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                parent = dest.parent.resolve()
-                if parent != root and root not in parent.parents:  # a symlinked directory inside dest
-                    raise FilesError(f"{dest} would land outside {root} (through a symlink); nothing more is written")
-                os.replace(staging / s.path, dest)
-        others = [p.relative_to(self.dest).as_posix() for p in self.dest.rglob("*")
-                  if p.is_file() and p.relative_to(self.dest).as_posix() not in published
-                  and not p.relative_to(self.dest).as_posix().startswith(STAGING_PREFIX)]
-        if others:
-            log.warning("%s also holds %d files the source did not publish (e.g. %s); they are left as they are",
-                        self.dest, len(others), sorted(others)[0])
 
     def shutdown(self) -> None:
         """Stop serving the received files (the hooks close; the sidecar withdraws once it notices)."""

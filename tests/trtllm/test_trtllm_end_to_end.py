@@ -223,3 +223,30 @@ def test_a_model_directory_round_trips_byte_identical_over_two_ranks_with_child_
     while len(list(r.scan_iter("mx:*:src:*"))) != 1 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert len(list(r.scan_iter("mx:*:src:*"))) == 1
+
+
+def test_a_reused_destination_ends_with_exactly_the_published_files_and_a_planted_link_is_refused(
+        nodes, small_ckpt, tmp_path):
+    import json
+
+    from runtime_hooks.files.install import COMPLETE
+
+    _publish(nodes, "pub", small_ckpt, "reuse")
+    out = tmp_path / "out"
+    # An earlier receive of another model: its marker lists a file the new model lacks (a stale shard index).
+    out.mkdir()
+    (out / "model.safetensors.index.json").write_text('{"weight_map": {"x": "old-00001.safetensors"}}')
+    (out / COMPLETE).write_text(json.dumps({"v": 1, "model": "old", "files": {"model.safetensors.index.json": "0"}}))
+    tgt = nodes("tgt", ["load", "--model-name", "reuse", "--checkpoint-dir", str(out), "--skip-build"])
+    assert tgt.exit_code(120) == 0
+    assert digests(out) == digests(small_ckpt), "exactly the published set: the stale index is gone"
+    assert set(json.loads((out / COMPLETE).read_text())["files"]) == set(digests(small_ckpt))
+    assert not list(out.glob(".mx-incoming-*")) and not (out / ".mx-installing").exists()
+    # A link nobody's receive wrote (planted): the next receive refuses the destination and writes nothing there.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (out / "tokenizer").symlink_to(elsewhere, target_is_directory=True)
+    again = nodes("again", ["load", "--model-name", "reuse", "--checkpoint-dir", str(out), "--skip-build"])
+    assert again.exit_code(120) != 0
+    again.proc.wait_for(r"neither the source published nor an earlier receive wrote", 1)
+    assert not any(elsewhere.iterdir()) and digests(out) == digests(small_ckpt)

@@ -4,6 +4,7 @@ records, the target's no-source verdict, and the engine build step with a real (
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shlex
 import stat
@@ -17,6 +18,7 @@ from runtime_hooks.engines.trtllm.files import BuildFailed, BuildOptions, BuildT
 from runtime_hooks.exposure import build_manifest, compute_fingerprint
 from runtime_hooks.files.buffers import resolve_devices, usable_mem_types
 from runtime_hooks.files.errors import FilesError, SourceNotFound, TransferFailed
+from runtime_hooks.files.install import COMPLETE, INSTALLING, STAGING_PREFIX, install, make_staging, read_marker
 from runtime_hooks.files.layout import (
     FileSpec,
     LayoutError,
@@ -321,19 +323,85 @@ def test_the_fake_builder_sees_the_options_the_loader_passes(ckpt, tmp_path, mon
 
 
 def test_received_files_never_land_outside_the_destination_through_a_symlinked_directory(tmp_path):
-    from runtime_hooks.files.receiver import FileReceiver
-
     outside = tmp_path / "outside"
     outside.mkdir()
     dest = tmp_path / "dest"
     dest.mkdir()
     (dest / "original").symlink_to(outside, target_is_directory=True)
-    staging = dest / ".mx-incoming-1"
+    staging = make_staging(dest)
     (staging / "original").mkdir(parents=True)
     (staging / "original" / "params.json").write_text("{}")
     data = b"{}"
-    rec = FileReceiver("m", dest, Config.from_env({}))
-    rec.adapters = [_target(tmp_path, (FileSpec("original/params.json", len(data), hashlib.sha256(data).hexdigest()),))]
-    with pytest.raises(FilesError, match="outside"):
-        rec._move_into_place(staging)
+    files = {"original/params.json": hashlib.sha256(data).hexdigest()}
+    with pytest.raises(FilesError, match="neither the source published"):  # the link is no file of ours
+        install(staging, dest, "m", files)
     assert not any(outside.iterdir())
+    _write_complete(dest, {"original": "0" * 64})  # a link an earlier receive wrote: removed as stale, not followed
+    assert install(staging, dest, "m", files) == ["original"]
+    assert not any(outside.iterdir()) and (dest / "original" / "params.json").read_text() == "{}"
+
+
+def _write_complete(dest: Path, files: dict[str, str]) -> None:
+    (dest / COMPLETE).write_text(json.dumps({"v": 1, "model": "m", "files": files}))
+
+
+def _staged(dest: Path, contents: dict[str, bytes]) -> tuple[Path, dict[str, str]]:
+    staging = make_staging(dest)
+    for rel, data in contents.items():
+        (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+        (staging / rel).write_bytes(data)
+    return staging, {rel: hashlib.sha256(data).hexdigest() for rel, data in contents.items()}
+
+
+def test_a_reused_destination_ends_with_exactly_the_published_files_and_the_marker_last(tmp_path):
+    dest = tmp_path / "dest"
+    first = {"model.safetensors.index.json": b"{old}", "model-00001.safetensors": b"a", "config.json": b"1"}
+    staging, files = _staged(dest, first)
+    assert install(staging, dest, "m", files) == []
+    assert read_marker(dest) == _files(first)
+    second = {"model.safetensors": b"b", "config.json": b"2"}  # no index any more: a stale one would mislead vLLM
+    staging, files = _staged(dest, second)
+    assert sorted(install(staging, dest, "m", files)) == ["model-00001.safetensors", "model.safetensors.index.json"]
+    assert sorted(p.name for p in dest.iterdir()) == sorted([*second, COMPLETE])
+    assert (dest / "config.json").read_bytes() == b"2" and read_marker(dest) == files
+
+
+def _files(contents: dict[str, bytes]) -> dict[str, str]:
+    return {rel: hashlib.sha256(data).hexdigest() for rel, data in contents.items()}
+
+
+def test_a_destination_holding_files_no_receive_wrote_is_refused_and_left_as_it_is(tmp_path):
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "notes.txt").write_text("mine")
+    staging, files = _staged(dest, {"config.json": b"1"})
+    with pytest.raises(FilesError, match="neither the source published nor an earlier receive wrote"):
+        install(staging, dest, "m", files)
+    assert (dest / "notes.txt").read_text() == "mine" and not (dest / "config.json").exists()
+    assert not (dest / COMPLETE).exists()
+
+
+def test_an_interrupted_install_is_recognised_and_started_over(tmp_path):
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "old.bin").write_bytes(b"o")
+    (dest / "config.json").write_bytes(b"half")  # moved in before the crash; no .mx-complete
+    (dest / INSTALLING).write_text(json.dumps({"v": 1, "model": "m", "files": {"old.bin": "x", "config.json": "y"}}))
+    staging, files = _staged(dest, {"config.json": b"1", "model.safetensors": b"w"})
+    assert install(staging, dest, "m", files) == ["old.bin"]
+    assert sorted(p.name for p in dest.iterdir()) == sorted(["config.json", "model.safetensors", COMPLETE])
+
+
+def test_the_staging_folder_is_created_exclusively_and_never_through_a_planted_link(tmp_path, monkeypatch):
+    import runtime_hooks.files.install as inst
+
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.setattr(inst.secrets, "token_hex", lambda n: "f" * (2 * n))
+    planted = dest / f"{STAGING_PREFIX}{os.getpid()}-{'f' * 16}"
+    planted.symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(FileExistsError):
+        make_staging(dest)
+    assert planted.is_symlink() and not any(elsewhere.iterdir())
