@@ -18,14 +18,14 @@ class PeerRouter:
 
     def __init__(self, on_source_msg: Callable[[str, Hello | Done | Bye], None],
                  on_bad: Callable[[str], None], keys: Keyring, on_auth_fail: Callable[[str, str], None]) -> None:
-        self._inboxes: dict[str, tuple[str, asyncio.Queue[Welcome | Ready]]] = {}
+        self._inboxes: dict[str, tuple[str, asyncio.Queue[Welcome | Ready | Bye]]] = {}
         self._on_source_msg = on_source_msg
         self._on_bad = on_bad
         self._keys = keys
         self._on_auth_fail = on_auth_fail
 
-    def open(self, session: str, source_agent: str) -> asyncio.Queue[Welcome | Ready]:
-        q: asyncio.Queue[Welcome | Ready] = asyncio.Queue()
+    def open(self, session: str, source_agent: str) -> asyncio.Queue[Welcome | Ready | Bye]:
+        q: asyncio.Queue[Welcome | Ready | Bye] = asyncio.Queue()
         self._inboxes[session] = (source_agent, q)
         return q
 
@@ -44,8 +44,10 @@ class PeerRouter:
         except AuthError as e:  # an unauthenticated peer cannot drive a source or a target
             self._on_auth_fail(peer, e.reason)
             return
-        if isinstance(msg, (Welcome, Ready)):
-            entry = self._inboxes.get(msg.session)
+        entry = self._inboxes.get(msg.session)
+        if isinstance(msg, Bye) and entry is not None and entry[0] == peer:
+            entry[1].put_nowait(msg)  # our source withdrew from a session we read in
+        elif isinstance(msg, (Welcome, Ready)):
             if entry is None or entry[0] != peer:
                 log.debug("notification for a finished or foreign session %s from %s", msg.session, peer)
                 return

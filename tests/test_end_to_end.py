@@ -490,3 +490,21 @@ def test_after_a_stalled_first_source_the_second_serves_within_one_stall_timeout
         assert f"peer={a2_id}" in served.string
     finally:
         a1.sidecar.signal(signal.SIGCONT)
+
+
+def test_a_withdrawing_source_tells_its_reader_which_moves_on_at_once(replicas):
+    a = replicas("a")
+    res_a = a.engine_results()
+    a.wait_serving()
+    # Slow READs (a failpoint) keep b mid-transfer; a long stall timeout shows that b does not wait one out.
+    b = replicas("b", extra_env={"MX_STALL_TIMEOUT": "60", "MX_TEST_FAILPOINTS": "before_read=sleep:0.3",
+                                 "MX_STAGING_SLOT_BYTES": "64KiB"})  # many chunks: seconds of transfer
+    b.sidecar.wait_for(r"pulling .* from", 30)
+    a.engine.signal(signal.SIGUSR1)  # an in-place weight update: a withdraws at its next ping
+    withdrew = a.sidecar.wait_for(r"withdrawing as a source", 10)
+    t0 = time.monotonic()
+    b.sidecar.wait_for(r"source failed: the source withdrew from this session \(Bye\)", 10)
+    assert time.monotonic() - t0 < 5, "within a second or two, not MX_STALL_TIMEOUT"
+    res_b = b.engine_results(timeout=60)
+    assert res_b[0]["outcome"] == "loaded" and res_b[0]["digests"] == res_a[0]["digests"]  # storage, unchanged
+    assert withdrew

@@ -49,7 +49,7 @@ class SourceServer:
     def _fresh_hello(self, msg: Hello) -> str:
         return self._hellos.check(msg)
 
-    def _send(self, transport: Transport, peer: str, msg: Welcome | Ready) -> None:
+    def _send(self, transport: Transport, peer: str, msg: Welcome | Ready | Bye) -> None:
         transport.send(peer, encode(self._keys.sign_msg("peer", msg)))
 
     @property

@@ -8,6 +8,7 @@ the staging ring's pass for this reader (sidecar.source.ring).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 
 from sidecar.config import Config
 from sidecar.contract.codec import PROTOCOL_VERSION, ProtocolError
-from sidecar.contract.messages import MAX_HELLO_AGE_S, Hello, Ready, Welcome
+from sidecar.contract.messages import MAX_HELLO_AGE_S, Bye, Hello, Ready, Welcome
 from sidecar.coordinator import Coordinator
 from sidecar.errors import CoordinatorUnavailable
 from sidecar.memory.rank_memory import RankMemory
@@ -24,7 +25,7 @@ from sidecar.transport import Transport
 
 log = logging.getLogger("mx.serving")
 
-Send = Callable[[Transport, str, Welcome | Ready], None]
+Send = Callable[[Transport, str, Welcome | Ready | Bye], None]
 
 
 @dataclass
@@ -92,6 +93,9 @@ async def serve_reader(s: ReaderSession, rank: RankMemory | None, *, cfg: Config
         log.info("[model=%s role=source rank=%d peer=%s] served a reader", model, rank.rank, s.peer)
     except asyncio.CancelledError:
         result = "withdrawn"
+        if transport is not None and peer_name == s.peer:  # tell the reader now; it would wait out a stall
+            with contextlib.suppress(Exception):
+                send(transport, s.peer, Bye(PROTOCOL_VERSION, s.hello.session, False))
         raise
     except (ProtocolError, CoordinatorUnavailable) as e:
         result = "refused"

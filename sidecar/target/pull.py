@@ -81,7 +81,7 @@ async def pull_rank(
             if src.mode == "staged":
                 moved = await _staged(cfg, reads, session, src, plan, inbox, progress, deadline, keys)
             else:
-                moved = await _direct(cfg, reads, plan, progress, deadline)
+                moved = await _direct(cfg, reads, plan, inbox, progress, deadline)
         ok = True
     except TransferError as e:
         raise SourceFailed(str(e)) from e
@@ -162,19 +162,35 @@ def _report(metrics: Metrics, log: Ctx, rank: int, src: RankSource, moved: int, 
              moved / 1e9 / max(dt, 1e-9), src.mode, setup, stream, rank=rank, peer=src.agent)
 
 
-async def _next(inbox: asyncio.Queue[Welcome | Ready], timeout: float, what: str) -> Welcome | Ready:
+async def _next(inbox: asyncio.Queue[Welcome | Ready | Bye], timeout: float, what: str) -> Welcome | Ready:
     try:
-        return await asyncio.wait_for(inbox.get(), timeout)
+        return _unless_bye(await asyncio.wait_for(inbox.get(), timeout))
     except TimeoutError:
         raise SourceFailed(f"no {what} from the source within {timeout:.0f}s") from None
 
 
-async def _direct(cfg: Config, reads: Inflight, plan: Plan, progress: _Progress, deadline: float) -> int:
+def _unless_bye(msg: Welcome | Ready | Bye) -> Welcome | Ready:
+    if isinstance(msg, Bye):  # it withdrew (its engine changed, it stops): at once, not after a stall timeout
+        raise SourceFailed("the source withdrew from this session (Bye)")
+    return msg
+
+
+def _withdrawn(inbox: asyncio.Queue[Welcome | Ready | Bye]) -> None:
+    """Direct mode reads no message during the transfer: a Bye waiting in the inbox ends it."""
+    if not inbox.empty():
+        msg = inbox.get_nowait()
+        _unless_bye(msg)
+        raise SourceFailed(f"unexpected message from the source: {msg}")
+
+
+async def _direct(cfg: Config, reads: Inflight, plan: Plan, inbox: asyncio.Queue[Welcome | Ready | Bye],
+                  progress: _Progress, deadline: float) -> int:
     """READ straight from the source's engine memory, DIRECT_WINDOW at a time."""
     nxt = 0
 
     async def feed() -> bool:
         nonlocal nxt
+        _withdrawn(inbox)
         if len(reads) >= DIRECT_WINDOW:
             return False
         local, remote = plan.descriptors(nxt)
@@ -188,7 +204,7 @@ async def _direct(cfg: Config, reads: Inflight, plan: Plan, progress: _Progress,
 
 
 async def _staged(cfg: Config, reads: Inflight, session: str, src: RankSource, plan: Plan,
-                  inbox: asyncio.Queue[Welcome | Ready], progress: _Progress, deadline: float,
+                  inbox: asyncio.Queue[Welcome | Ready | Bye], progress: _Progress, deadline: float,
                   keys: Keyring) -> int:
     """READ each chunk from the slot the source announced it in; the READ's notification frees the slot."""
     expected = 0
@@ -201,6 +217,7 @@ async def _staged(cfg: Config, reads: Inflight, session: str, src: RankSource, p
             msg = await _next(inbox, cfg.stall_timeout, f"Ready for chunk {expected}")
         if msg is None:
             return False
+        msg = _unless_bye(msg)
         if not isinstance(msg, Ready) or msg.chunk != expected or not (0 <= msg.slot < len(src.slots)):
             raise SourceFailed(f"unexpected message from the source: {msg}")
         local, remote = plan.descriptors(expected, src.slots[msg.slot][0])

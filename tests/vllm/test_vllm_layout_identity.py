@@ -80,6 +80,7 @@ def test_pod_specific_and_logging_settings_leave_the_identity_alone_and_values_n
     monkeypatch.setenv("VLLM_PORT", "31337")
     monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")
     monkeypatch.setenv("VLLM_API_KEY", "secret-key")
+    monkeypatch.setenv("VLLM_DIST_IDENT", "ident-1234")  # vLLM's own random per-process id
     assert _ident() == base
     monkeypatch.setenv("VLLM_ATTENTION_BACKEND", "secret-looking-value")
     fields = _ident().fields()

@@ -266,6 +266,9 @@ _LAYOUT_NEUTRAL_VLLM = frozenset({
     "VLLM_CACHE_ROOT", "VLLM_CONFIG_ROOT", "VLLM_ASSETS_CACHE", "VLLM_WORKER_MULTIPROC_METHOD", "VLLM_PLUGINS",
     "VLLM_ENGINE_ITERATION_TIMEOUT_S", "VLLM_KEEP_ALIVE_ON_ENGINE_DEATH", "VLLM_SERVER_DEV_MODE",
     "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "VLLM_ENGINE_READY_TIMEOUT_S",
+    # set by vLLM itself in every engine, a random id for its distributed setup (measured: with it in the identity
+    # no two CPU replicas matched; `status --explain` named it)
+    "VLLM_DIST_IDENT",
 })
 _LAYOUT_NEUTRAL_VLLM_PREFIXES = ("VLLM_LOGGING_", "VLLM_LOG_", "VLLM_USAGE_", "VLLM_RPC_", "VLLM_HTTP_", "VLLM_MEDIA_",
                                  "VLLM_IMAGE_", "VLLM_VIDEO_", "VLLM_AUDIO_", "VLLM_TRACE_", "VLLM_DEBUG_",
