@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import time
@@ -429,37 +430,36 @@ def _wedged_source(replicas):  # type: ignore[no-untyped-def]
     return a
 
 
-def test_sigterm_mid_receive_waits_for_the_read_drain_before_it_aborts(replicas):
+@contextlib.contextmanager
+def _sigterm_mid_receive(replicas, stall_s: int, drain_s: int):  # type: ignore[no-untyped-def]
+    """A target pulling from a wedged source whose drain takes `drain_s` (a failpoint standing for READs still in
+    flight), SIGTERMed mid-receive; yields (target, time of the SIGTERM)."""
     a = _wedged_source(replicas)
     try:
-        # The drain takes 4 s to confirm (a failpoint standing for READs still in flight), within MX_STALL_TIMEOUT.
         b = replicas("b", sidecar_timeout=30,
-                     extra_env={"MX_STALL_TIMEOUT": "20", "MX_TEST_FAILPOINTS": "drain=sleep:4"})
+                     extra_env={"MX_STALL_TIMEOUT": str(stall_s), "MX_TEST_FAILPOINTS": f"drain=sleep:{drain_s}"})
         b.sidecar.wait_for(r"pulling .* from", 30)
-        t0 = time.monotonic()
         b.sidecar.signal(signal.SIGTERM)
+        yield b, time.monotonic()
+    finally:
+        a.sidecar.signal(signal.SIGCONT)
+
+
+def test_sigterm_mid_receive_waits_for_the_read_drain_before_it_aborts(replicas):
+    with _sigterm_mid_receive(replicas, stall_s=20, drain_s=4) as (b, t0):  # the drain fits MX_STALL_TIMEOUT
         while time.monotonic() - t0 < 3:  # no verdict, not even abort, while the READs may land
             assert _hook_state(b.address) == "receiving"
             time.sleep(0.2)
         assert b.sidecar.p.wait(20) == 0
         assert time.monotonic() - t0 >= 4
         assert _hook_state(b.address) == "waiting", "the drained attempt is void: the engine waits again"
-    finally:
-        a.sidecar.signal(signal.SIGCONT)
 
 
 def test_sigterm_mid_receive_with_a_drain_it_cannot_confirm_exits_without_a_verdict(replicas):
-    a = _wedged_source(replicas)
-    try:
-        b = replicas("b", sidecar_timeout=30,
-                     extra_env={"MX_STALL_TIMEOUT": "3", "MX_TEST_FAILPOINTS": "drain=sleep:5"})
-        b.sidecar.wait_for(r"pulling .* from", 30)
-        b.sidecar.signal(signal.SIGTERM)
+    with _sigterm_mid_receive(replicas, stall_s=3, drain_s=5) as (b, _):
         assert b.sidecar.p.wait(20) == 4  # exit code of a fence failure (sidecar/errors.py)
         b.sidecar.wait_for(r"exiting WITHOUT a verdict", 5)
         assert _hook_state(b.address) == "receiving", "no abort: READs may still land; a new sidecar takes over"
-    finally:
-        a.sidecar.signal(signal.SIGCONT)
 
 
 def test_after_a_stalled_first_source_the_second_serves_within_one_stall_timeout(replicas, redis_server):
