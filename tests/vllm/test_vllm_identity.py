@@ -15,6 +15,7 @@ pytestmark = pytest.mark.vllm
 
 from runtime_hooks.discovery import discover_tensors  # noqa: E402
 from runtime_hooks.engines.vllm import adapter as vllm_adapter  # noqa: E402
+from runtime_hooks.engines.vllm import identity as vllm_identity  # noqa: E402
 from runtime_hooks.engines.vllm import plugin as mx_vllm  # noqa: E402
 from runtime_hooks.exposure import compute_fingerprint  # noqa: E402
 from tests.vllm.tiny_llama import make_tiny_llama  # noqa: E402
@@ -49,7 +50,7 @@ def tp(monkeypatch: pytest.MonkeyPatch):
 
 
 def _ident(*args: object, **kw: object):
-    return vllm_adapter.model_identity(*_configs(*args, **kw))  # type: ignore[arg-type]
+    return vllm_identity.model_identity(*_configs(*args, **kw))  # type: ignore[arg-type]
 
 
 def test_identity_is_stable_for_the_same_model_and_settings(tp, ckpt):

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("vllm.model_executor")
 pytestmark = pytest.mark.vllm
 
-from runtime_hooks.engines.vllm import adapter as vllm_adapter  # noqa: E402
+from runtime_hooks.engines.vllm import identity as vllm_identity  # noqa: E402
 from runtime_hooks.exposure import compute_fingerprint  # noqa: E402
 
 
@@ -36,7 +36,7 @@ def _ident(kv_cache_dtype: str = "auto", model: torch.nn.Module | None = None): 
     vllm_config = SimpleNamespace(
         parallel_config=SimpleNamespace(pipeline_parallel_size=1, data_parallel_size=1, enable_expert_parallel=False),
         cache_config=SimpleNamespace(cache_dtype=kv_cache_dtype, calculate_kv_scales=False))
-    return vllm_adapter.model_identity(vllm_config, model_config, model)
+    return vllm_identity.model_identity(vllm_config, model_config, model)
 
 
 def _differs(a, b) -> list[str]:  # type: ignore[no-untyped-def]
