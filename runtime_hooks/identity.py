@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runtime_hooks.atomic_file import replace_file
+
 __all__ = [
     "CACHE_FILE",
     "CheckpointDigest",
@@ -315,24 +317,13 @@ def _load_cache(cache_path: Path) -> dict[str, Any]:
 
 
 def _save_cache(cache_path: Path, files: dict[str, dict[str, Any]]) -> Path | None:
-    # Atomic (temp file + rename) so a concurrent reader sees the old or the new cache; O_EXCL|O_NOFOLLOW so a
-    # link planted at the temp name is never written through, and rename replaces a link at the cache path itself.
-    tmp = cache_path.with_name(f"{cache_path.name}.{secrets.token_hex(8)}.tmp")
+    # Atomic, and never through a link planted at the temp or the cache path (runtime_hooks.atomic_file).
     try:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        replace_file(cache_path, json.dumps({"v": _CACHE_VERSION, "files": files}, sort_keys=True).encode())
     except OSError as e:
-        log.info("checkpoint digest cache %s not saved: %s", cache_path, e)
-        return None
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"v": _CACHE_VERSION, "files": files}, fh, sort_keys=True)
-        os.replace(tmp, cache_path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if e.errno not in (errno.EACCES, errno.EROFS, errno.EPERM, errno.ENOSPC):
-            log.warning("checkpoint digest cache %s not saved: %s", cache_path, e)
+        quiet = e.errno in (errno.EACCES, errno.EROFS, errno.EPERM, errno.ENOSPC)  # expected on read-only storage
+        (log.info if quiet else log.warning)("checkpoint digest cache %s not saved: %s", cache_path, e)
         return None
     return cache_path
 

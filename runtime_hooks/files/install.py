@@ -25,6 +25,7 @@ import secrets
 import shutil
 from pathlib import Path
 
+from runtime_hooks.atomic_file import fsync_dir, replace_file
 from runtime_hooks.files.errors import FilesError
 
 __all__ = ["COMPLETE", "INSTALLING", "STAGING_PREFIX", "install", "make_staging", "read_marker"]
@@ -77,10 +78,10 @@ def install(staging: Path, dest: Path, model: str, files: dict[str, str]) -> lis
         if parent != root and root not in parent.parents:  # a symlinked directory inside dest
             raise FilesError(f"{target} would land outside {root} (through a symlink); nothing more is written")
         os.replace(staging / rel, target)
-    _fsync_dir(dest)
+    fsync_dir(dest)
     _write_marker(dest, COMPLETE, model, files)
     os.unlink(dest / INSTALLING)
-    _fsync_dir(dest)
+    fsync_dir(dest)
     shutil.rmtree(staging, ignore_errors=True)
     return stale
 
@@ -98,19 +99,5 @@ def _files_in(dest: Path) -> list[str]:
 
 
 def _write_marker(dest: Path, name: str, model: str, files: dict[str, str]) -> None:
-    tmp = dest / f"{name}.{secrets.token_hex(6)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"v": _VERSION, "model": model, "files": dict(sorted(files.items()))}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, dest / name)
-    _fsync_dir(dest)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    doc = {"v": _VERSION, "model": model, "files": dict(sorted(files.items()))}
+    replace_file(dest / name, json.dumps(doc).encode(), durable=True)
