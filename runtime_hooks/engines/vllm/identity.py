@@ -54,8 +54,7 @@ def model_identity(vllm_config: Any, model_config: Any, model: torch.nn.Module |
     if qcfg is not None:
         extra["quant_config"] = json_digest(qcfg)
     if current_platform.is_cpu():
-        extra["cpu_gemm"] = _cpu_gemm_features()
-        extra["cpu_isa"] = _cpu_isa()
+        extra["cpu"] = _cpu_features()
     return ModelIdentity(
         model_id=str(model_config.model),
         revision=checkpoint_revision(str(model_config.model), model_config.revision),
@@ -147,28 +146,19 @@ def _capability(platform: Any) -> str:
     return "none" if cap is None else f"{cap[0]}.{cap[1]}"
 
 
-def _cpu_isa() -> str:
-    """The CPU's architecture and the vector features that pick vLLM's CPU kernels (AVX-512, AMX, NEON ...)."""
+def _cpu_features() -> str:
+    """The CPU's architecture and the features that pick vLLM's CPU kernels and its packed weight layout: vector
+    ISA (AVX2, AVX-512, its bf16, AMX: sgl kernels) and the GEMM libraries (oneDNN, zentorch)."""
     import platform
 
-    feats = {
-        "avx512": torch.cpu._is_avx512_supported(),
-        "avx512bf16": torch.cpu._is_avx512_bf16_supported(),
-        "amx": torch.cpu._is_amx_tile_supported(),
-        "avx2": torch.cpu._is_avx2_supported(),
-    }
-    return platform.machine() + ":" + (",".join(k for k, v in feats.items() if v) or "base")
-
-
-def _cpu_gemm_features() -> str:
-    """The CPU features that pick vLLM's packed weight layout (sgl AMX, oneDNN, zentorch)."""
     from vllm import _custom_ops as ops
 
     feats = {
-        "amx": torch.cpu._is_amx_tile_supported(),
+        "avx2": torch.cpu._is_avx2_supported(),
+        "avx512": torch.cpu._is_avx512_supported(),
         "avx512bf16": torch.cpu._is_avx512_bf16_supported(),
+        "amx": torch.cpu._is_amx_tile_supported(),
         "onednn": bool(getattr(ops, "_supports_onednn", False)),
         "zentorch": hasattr(torch.ops, "zentorch") and hasattr(torch.ops.zentorch, "zentorch_linear_unary"),
     }
-    return ",".join(k for k, v in feats.items() if v) or "plain"
-
+    return platform.machine() + ":" + (",".join(k for k, v in feats.items() if v) or "plain")
