@@ -6,6 +6,7 @@ thread; replies the engine thread posts are sent from here too (a ZMQ socket is 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -20,6 +21,8 @@ from sidecar.contract.codec import encode
 from sidecar.contract.messages import Reply
 
 __all__ = ["HookServer"]
+
+_RECHECK_MS = 1000
 
 # frames of one request (identity first) -> the reply to send now, or None when the engine thread will post it
 Handler = Callable[[bytes, list[bytes]], Reply | None]
@@ -57,7 +60,12 @@ class HookServer:
         self._replies.put((ident, reply))
         with self._wake_lock:
             if not self._closed:
-                self._wake_send.send(b"")
+                self._wake()
+
+    def _wake(self) -> None:
+        # Never blocks (the caller holds _wake_lock, which stop() needs): a full pipe already holds a wake-up.
+        with contextlib.suppress(zmq.Again):
+            self._wake_send.send(b"", zmq.NOBLOCK)
 
     def _bind(self, cfg: Config) -> zmq.Socket:
         sock = self._ctx.socket(zmq.ROUTER)
@@ -75,9 +83,12 @@ class HookServer:
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._wake_recv, zmq.POLLIN)
         while not self._closed:
-            events = dict(poller.poll())
+            # The timeout only backs up the wake-up message: a loader whose hook thread outlived close() once
+            # hung on its way out in CI (not reproduced); the thread now ends within a second of stop() regardless.
+            events = dict(poller.poll(_RECHECK_MS))
             if self._wake_recv in events:
-                self._wake_recv.recv()
+                while self._wake_recv.poll(0):
+                    self._wake_recv.recv()
                 while not self._replies.empty():
                     ident, reply = self._replies.get_nowait()
                     self._sock.send_multipart([ident, encode(reply)])
@@ -95,8 +106,8 @@ class HookServer:
             if self._closed:
                 return False
             self._closed = True
-            self._wake_send.send(b"")
-            self._wake_send.close(0)
+            self._wake()
+            self._wake_send.close(100)  # a moment for the wake-up to pass (linger 0 may drop it)
         return True
 
     def join(self) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
+import signal
 import sys
 
 from sidecar.config import cli_config
@@ -55,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         except (RedisError, OSError) as e:
             print(f"mx-sidecar: cannot read {redact_url(cfg.redis_url)}: {describe_error(e)}", file=sys.stderr)
             return 1
+    # `kill -USR1 <pid>` prints every thread's stack to stderr: how a hung daemon tells where it hangs.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         from sidecar.daemon import run_daemon
     except ImportError as e:  # the engine-side install has no Redis/NIXL/Prometheus client

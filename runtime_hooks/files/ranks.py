@@ -44,8 +44,8 @@ def run_hooks(hooks: list[RankHook], devices: list[str], sidecar_timeout: float 
     for t in threads:
         t.start()
     orphaned_since: float | None = None
-    while any(t.is_alive() for t in threads):
-        threads[[t.is_alive() for t in threads].index(True)].join(0.5)
+    while alive := [t for t in threads if t.is_alive()]:
+        alive[0].join(0.5)  # (indexing a second is_alive() scan raced a thread that ended between the two)
         if orphan_grace is None:
             continue
         if not any(h.orphaned() for h in hooks):

@@ -61,6 +61,17 @@ class Proc:
                                        f"exit={self.p.poll()}\n{tail}")
                 self._cv.wait(remaining)
 
+    def wait(self, timeout: float) -> int:
+        """The exit status; past `timeout`, first asks the process for its threads' stacks (SIGUSR1, which the
+        mx CLIs answer with faulthandler) so that the TimeoutError says where it hangs."""
+        try:
+            return self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGUSR1)
+            time.sleep(2)  # the pump thread collects the dump
+            tail = "\n".join(self.lines[-120:])
+            raise TimeoutError(f"{self.name}: still running after {timeout:.0f}s; last output:\n{tail}") from None
+
     def signal(self, sig: int) -> None:
         if self.p.poll() is None:
             self.p.send_signal(sig)

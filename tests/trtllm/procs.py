@@ -64,7 +64,7 @@ class FilesNode:
         return json.loads(self.proc.wait_for(rf"^{tag} (.*)", timeout).group(1))  # type: ignore[no-any-return]
 
     def exit_code(self, timeout: float = 120) -> int:
-        return self.proc.p.wait(timeout)
+        return self.proc.wait(timeout)
 
     def log(self) -> str:
         return "\n".join(self.proc.lines)
