@@ -124,6 +124,7 @@ typecheck: venv
 
 bench: venv
 	$(BIN)/python -m sidecar.lab.bench --json docs/benchmarks/cpu.json
+	$(BIN)/python -m sidecar.lab.fallback_memory --json docs/benchmarks/cpu-fallback-memory.json
 
 # TRT-LLM checkpoint at the file level vs copying the same files from local disk -> docs/benchmarks/trtllm-cpu.json
 bench-trtllm: venv

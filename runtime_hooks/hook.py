@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -67,6 +68,7 @@ class RankHook:
         self._fingerprint = compute_fingerprint(self._identity, tensors)
         self._described = describe_fingerprint(self._identity, tensors)
         self._lock = threading.Lock()
+        self._incarnation = secrets.token_hex(8)  # in every reply: the sidecar tells a restarted engine apart
         self._session = RankSession(self._cfg.sidecar_timeout)
         self._error = ""
         self._manifest: Manifest = build_manifest(self._identity, self._fingerprint, tensors, expose=False,
@@ -267,7 +269,7 @@ class RankHook:
             s = self._session
             return Reply(PROTOCOL_VERSION, req_id, ok, s.state, error or self._error,
                          self._manifest if with_manifest else None, s.owner, round(s.silent_for(), 3), s.prepared,
-                         s.weights_version, self._derived if with_manifest else {})
+                         s.weights_version, self._derived if with_manifest else {}, self._incarnation)
 
     # ---------------------------------------------------------------- socket thread
 

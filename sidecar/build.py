@@ -63,9 +63,11 @@ class Parts:
     receiver: Receiver
 
 
-def build(cfg: Config) -> Parts:
+def build(cfg: Config, carried: tuple[Metrics, HttpServer] | None = None) -> Parts:
+    """`carried`: the metrics and endpoint of a life that ended because its engine was lost (counters go on,
+    the port stays bound); everything else is new, a new replica id and session included."""
     replica_id = f"{cfg.node_name}-{os.getpid()}-{secrets.token_hex(3)}"
-    metrics = Metrics()
+    metrics = carried[0] if carried else Metrics()
     log = Ctx(logging.getLogger("mx.daemon"), {"model": "?", "role": "starting"})
     keys = Keyring.from_file(cfg.auth_key_file)
     failpoints = Failpoints(cfg.test_failpoints)
@@ -84,5 +86,6 @@ def build(cfg: Config) -> Parts:
     agents = Agents(replica_id, router, sup.spawn, failpoints)
     publisher = Publisher(cfg, replica_id, coord, agents, engine, server, metrics, log, failpoints)
     receiver = Receiver(cfg, coord, router, engine, metrics, log, keys, failpoints)
-    return Parts(cfg, replica_id, metrics, HttpServer(metrics, cfg.metrics_host, cfg.metrics_port), log, keys,
+    http = carried[1] if carried else HttpServer(metrics, cfg.metrics_host, cfg.metrics_port)
+    return Parts(cfg, replica_id, metrics, http, log, keys,
                  failpoints, stop, sup, engine, coord, server, router, agents, publisher, receiver)

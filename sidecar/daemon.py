@@ -1,4 +1,5 @@
-"""A replica's life: connect -> recover -> role -> seed | receive -> serve -> stop.
+"""A replica's life: connect -> recover -> role -> seed | receive -> serve -> stop; and again when the engine is
+lost (its container restarted or died): a new engine is a new life (run_daemon).
 
 The only module that knows the order; the parts come composed from `build(cfg)` and each step lives in its own
 module and logs `phase=<name>` with its duration. Verdicts (release, fallback load) are given only after the
@@ -18,8 +19,18 @@ import zmq.asyncio
 from sidecar.build import Parts, build
 from sidecar.config import Config
 from sidecar.coordinator import Candidate
-from sidecar.errors import CoordinatorUnavailable, FatalError, FenceError, Superseded, exit_code, without_verdict
+from sidecar.errors import (
+    CoordinatorUnavailable,
+    EngineLost,
+    EngineRestarted,
+    FatalError,
+    FenceError,
+    Superseded,
+    exit_code,
+    without_verdict,
+)
 from sidecar.explain import explain_no_match
+from sidecar.failpoints import FailpointError
 from sidecar.recovery import finish_partial_release, take_over_orphans, wait_for_loads
 from sidecar.roles import decide, renew_lease
 
@@ -33,6 +44,14 @@ class Daemon:
         self._role = "unknown"
         self._no_verdict = False  # fenced out: never tell the engine anything again
         self._exit_code = 0
+        self._signalled = False
+        self.lost: EngineLost | None = None  # the engine went away under this life
+
+    @property
+    def starts_over(self) -> bool:
+        """The life ended only because its engine was lost, with every READ of it fenced: the same process runs a
+        new life for the next engine. With READs unconfirmed only the process exit ends them: it exits."""
+        return self.lost is not None and not self._signalled and not self._no_verdict
 
     # ------------------------------------------------------------------ the life
     async def _life(self, ctx: zmq.asyncio.Context) -> None:
@@ -118,8 +137,16 @@ class Daemon:
         self.log.warning("no source delivered; falling back to storage")
         p.metrics.transfers.labels(p.engine.model, "target", "fell_back_to_storage").inc()
         t1 = time.monotonic()
+        try:
+            p.failpoints.hit("release_attempt")  # bench: `raise` keeps the mapping, the "before" figure
+            released = p.publisher.release()
+            self.log.info("phase=release_attempt %.2fs: %.2f GB of the failed attempt unmapped before the storage "
+                          "load", time.monotonic() - t1, released / 1e9)
+        except FailpointError:
+            self.log.warning("failpoint release_attempt: the failed attempt's memory stays mapped during the load")
         manifests = await p.engine.all("load_from_storage", p.cfg.load_timeout)
         self.log.info("phase=load_from_storage %.2fs (fallback)", time.monotonic() - t1)
+        await p.failpoints.ahit("after_fallback_load")  # tests: hold the peak long enough to be sampled
         self._release_noted()
         await p.publisher.become_source(manifests, verified=False)
 
@@ -137,7 +164,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, p.stop.set)
+                loop.add_signal_handler(sig, self._on_signal)
         if not p.keys.enabled:
             self.log.warning("NO DEPLOYMENT KEY (MX_AUTH_KEY_FILE): Redis records, peer messages and engine "
                              "commands are UNAUTHENTICATED; anyone who can write Redis decides what replicas load")
@@ -161,17 +188,25 @@ class Daemon:
             self.log.error("%s: exiting WITHOUT a verdict; the engine stays blocked until a new sidecar takes over "
                            "(fail closed)", e)
             self._no_verdict, self._exit_code = True, exit_code(e)
+        except EngineLost as e:
+            self.lost, self._exit_code = e, exit_code(e)
         except (FatalError, Superseded) as e:
             self.log.error("fatal: %s", e)
             self._no_verdict = self._no_verdict or without_verdict(e)
             self._exit_code = exit_code(e)
         finally:
             stopper.cancel()
+            if isinstance(p.sup.exc, EngineLost):
+                self.lost = self.lost or p.sup.exc
             if p.sup.exc is not None:
                 self._exit_code = self._exit_code or exit_code(p.sup.exc)
             await self._shutdown()
             ctx.term()
         return self._exit_code
+
+    def _on_signal(self) -> None:
+        self._signalled = True
+        self.p.stop.set()
 
     async def _shutdown(self) -> None:
         p = self.p
@@ -184,7 +219,7 @@ class Daemon:
                            sorted(p.engine.unfenced))
             self._no_verdict = True
             self._exit_code = self._exit_code or exit_code(FenceError("unfenced"))
-        if p.engine.links and not self._released and not self._no_verdict:
+        if p.engine.links and not self._released and not self._no_verdict and self.lost is None:
             # Stopped mid-way (SIGTERM, fatal error) with every READ fenced: whatever landed is void. The hook
             # goes back to waiting, so a restarted sidecar starts over and a dead one times out into storage.
             await p.engine.try_all("abort", 2.0)
@@ -194,6 +229,10 @@ class Daemon:
         await p.engine.aclose()
         with contextlib.suppress(Exception):
             await p.coord.close()
+        if self.starts_over:
+            self.log.warning("%s; withdrawn and the old engine's memory dropped: the replica's life starts over "
+                             "for the engine at %s", self.lost, p.cfg.rank_address(0))
+            return
         await p.http.close()
         self.log.info("stopped")
 
@@ -225,6 +264,15 @@ def run_daemon(cfg: Config) -> int:
     import uvloop
 
     async def go() -> int:
-        return await Daemon(build(cfg)).run()
+        carried = None
+        while True:
+            parts = build(cfg, carried)
+            daemon = Daemon(parts)
+            code = await daemon.run()
+            if not daemon.starts_over:
+                return code
+            reason = "restarted" if isinstance(daemon.lost, EngineRestarted) else "gone"
+            parts.metrics.engine_restarts.labels(parts.engine.model, reason).inc()
+            carried = (parts.metrics, parts.http)
 
     return uvloop.run(go())

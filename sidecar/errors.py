@@ -16,8 +16,20 @@ class FatalError(RuntimeError):
     released are told to abort, so a restarted sidecar starts over and a dead one times out into storage."""
 
 
-class EngineGone(FatalError):
-    """Exit (code 3): the engine stopped answering pings; Kubernetes restarts the pod."""
+class EngineLost(FatalError):
+    """The engine this life served is no more (its container restarted or died). The sidecar withdraws, drops the
+    old engine's memory and starts the replica's life over for whatever engine comes to the socket (daemon.py);
+    only when READs of the old life could not be fenced, or no engine comes within MX_ENGINE_CONNECT_TIMEOUT, does
+    the process exit (code 3)."""
+
+
+class EngineGone(EngineLost):
+    """The engine stopped answering pings (three in a row)."""
+
+
+class EngineRestarted(EngineLost):
+    """A rank answered with another engine incarnation than the one this life connected to: a new engine process
+    (Kubernetes restarted the engine container) that knows nothing of our session."""
 
 
 class EngineError(RuntimeError):
@@ -64,7 +76,7 @@ BACKGROUND_TASK_DIED_EXIT = 5
 
 _EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (FenceError, 4),
-    (EngineGone, 3),
+    (EngineLost, 3),
     (Superseded, 2),
     (FatalError, 2),
 )

@@ -120,6 +120,8 @@ class HttpServer:
         self.port = 0
 
     async def start(self) -> None:
+        if self._server is not None:  # a life started over (daemon.run_daemon): the same endpoint serves on
+            return
         self._config.load()
         family = socket.getaddrinfo(self._host, self._port, type=socket.SOCK_STREAM)[0][0]
         sock = socket.create_server((self._host, self._port), family=family, backlog=MAX_CONNECTIONS)

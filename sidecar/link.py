@@ -19,7 +19,7 @@ import zmq.asyncio
 from sidecar.contract.auth import Keyring
 from sidecar.contract.codec import PROTOCOL_VERSION, ProtocolError, decode, encode
 from sidecar.contract.messages import Op, Reply, Request
-from sidecar.errors import EngineError
+from sidecar.errors import EngineError, EngineRestarted
 
 log = logging.getLogger("mx.link")
 
@@ -41,8 +41,12 @@ class EngineLink:
         self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         self._sock.connect(address)
         self.last_reply: Reply | None = None  # newest reply of any kind: the rank's state as last seen
+        self.incarnation = ""  # the engine process this link first heard from
+        self.restarted: EngineRestarted | None = None  # set once another engine process answered on the socket
 
     async def request(self, op: Op, timeout: float) -> Reply:
+        if self.restarted is not None:
+            raise self.restarted
         if self._reader is None:
             self._reader = asyncio.get_running_loop().create_task(self._read(), name=f"link-{self.rank}")
         req_id = next(self._ids)
@@ -73,6 +77,17 @@ class EngineLink:
                     if not fut.done():
                         fut.set_exception(EngineError(f"rank {self.rank}: bad reply: {e}"))
                 continue
+            if reply.incarnation and reply.incarnation != self.incarnation:
+                if not self.incarnation:
+                    self.incarnation = reply.incarnation
+                elif self.restarted is None:
+                    self.restarted = EngineRestarted(
+                        f"rank {self.rank}: the engine restarted (incarnation {self.incarnation[:8]} -> "
+                        f"{reply.incarnation[:8]}); its memory and our session are gone")
+                    for fut in self._waiting.values():
+                        if not fut.done():
+                            fut.set_exception(self.restarted)
+                    continue
             waiter = self._waiting.get(reply.id)
             if waiter is None or waiter.done():
                 log.debug("rank %d: dropping stale reply %d", self.rank, reply.id)

@@ -56,6 +56,8 @@ class Metrics:
         self.source_published = Gauge("mx_source_published",
                                       "1 while this replica's source record is published in Redis", ["model"],
                                       registry=r)
+        self.engine_restarts = Counter("mx_engine_restarts", "Lives started over because the engine was lost",
+                                       ["model", "reason"], registry=r)  # reason: restarted | gone
         self.ready = False
         self.healthy = True
 

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from sidecar.errors import EngineLost
 from sidecar.metrics import Metrics
 
 log = logging.getLogger("mx.supervisor")
@@ -41,6 +42,10 @@ class Supervisor:
         if exc is None:
             return
         self.exc = exc
+        if isinstance(exc, EngineLost):  # not a sidecar fault: the daemon starts the replica's life over
+            log.warning("%s: this life ends (%s noticed it)", exc, name)
+            self._stop.set()
+            return
         self.failure = f"background task {name} died: {type(exc).__name__}: {exc}"
         self._m.task_failures.labels(self._model(), name).inc()
         self._m.healthy = False

@@ -129,6 +129,8 @@ class Reply(msgspec.Struct, frozen=True):
     # The numbers the engine derived from its weights (runtime_hooks.derived_state), once they are final: after a
     # load, or after `derive` re-derived them from received bytes. Empty before.
     derived: Annotated[dict[_Name, _Short], msgspec.Meta(max_length=MAX_DERIVED)] = {}
+    # Random per engine process (RankHook): a new value on a socket means the engine restarted under us.
+    incarnation: _Short = ""
 
 
 def validate_reply(reply: Reply) -> None:

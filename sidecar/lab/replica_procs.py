@@ -42,11 +42,11 @@ class Proc:
         with self._cv:
             self._cv.notify_all()
 
-    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
-        """The first output line matching `pattern` (waits on new output, no polling)."""
+    def wait_for(self, pattern: str, timeout: float, after: int = 0) -> re.Match[str]:
+        """The first output line matching `pattern`, from line `after` on (waits on new output, no polling)."""
         rx = re.compile(pattern)
         deadline = time.monotonic() + timeout
-        seen = 0
+        seen = after
         with self._cv:
             while True:
                 for line in self.lines[seen:]:
@@ -101,11 +101,11 @@ class Replica:
         self.env = env
         self._work = work
         self._sidecars = 1
-        self.engine = Proc(f"{name}-engine", [sys.executable, "-m", "sidecar.lab.toy_engine", "--checkpoint",
-                                              str(checkpoint), "--tp", str(tp), "--model-id", model_id,
-                                              "--revision", revision, "--sidecar-timeout", str(sidecar_timeout),
-                                              "--devices", devices, *(engine_args or [])],
-                           env, work)
+        self._engine_cmd = [sys.executable, "-m", "sidecar.lab.toy_engine", "--checkpoint", str(checkpoint), "--tp",
+                            str(tp), "--model-id", model_id, "--revision", revision, "--sidecar-timeout",
+                            str(sidecar_timeout), "--devices", devices, *(engine_args or [])]
+        self._engines = 1
+        self.engine = Proc(f"{name}-engine", self._engine_cmd, env, work)
         self.sidecar = Proc(f"{name}-sidecar", [sys.executable, "-m", "sidecar", "run"], env, work) if sidecar else None
         self._metrics_port: int | None = None
 
@@ -117,6 +117,21 @@ class Replica:
         self.sidecar = Proc(f"{self.name}-sidecar{self._sidecars}", [sys.executable, "-m", "sidecar", "run"], env,
                             self._work)
         return self.sidecar
+
+    def restart_engine(self) -> Proc:
+        """Kill the engine (SIGKILL: an OOM kill) and start a new one on the same sockets, the sidecar untouched:
+        what Kubernetes does when only the engine container restarts."""
+        self.kill_engine()
+        return self.start_engine()
+
+    def kill_engine(self) -> None:
+        self.engine.signal(signal.SIGKILL)
+        self.engine.p.wait(10)
+
+    def start_engine(self) -> Proc:
+        self._engines += 1
+        self.engine = Proc(f"{self.name}-engine{self._engines}", self._engine_cmd, self.env, self._work)
+        return self.engine
 
     def engine_results(self, timeout: float = 60) -> dict[int, dict]:  # type: ignore[type-arg]
         out = {}

@@ -113,6 +113,15 @@ class ToyAdapter(TorchModuleAdapter):
         if not self.stale_derived:
             self._derive()
 
+    rebuild_on_retry = False  # vLLM's reset_for_retry builds a fresh model: new memory, the old is let go
+
+    def reset_for_retry(self) -> None:
+        if self.rebuild_on_retry:
+            source = self._source
+            assert isinstance(source, dict)
+            for name in sorted(source):
+                source[name] = torch.empty_like(source[name])  # the old storage is dropped here, one at a time
+
     def prepare_target(self) -> None:
         time.sleep(self.prepare_delay)
         source = self._source
@@ -160,6 +169,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="a target keeps its dummy-derived number after the receive (a fault for tests)")
     p.add_argument("--prepare-realloc", type=int, default=0,
                    help="tensors that prepare_target moves to new memory (their old handles go stale)")
+    p.add_argument("--rebuild-on-retry", action="store_true",
+                   help="after a failed receive, build every tensor anew before the storage load (as vLLM does)")
     return p.parse_args(argv)
 
 
@@ -202,6 +213,7 @@ class _ToyEngine:
         adapter.prepare_delay, adapter.load_delay = args.prepare_delay, args.load_delay
         adapter.prepare_realloc = args.prepare_realloc
         adapter.stale_derived = args.stale_derived
+        adapter.rebuild_on_retry = args.rebuild_on_retry
         hook = RankHook(adapter, args.address)
         with self.lock:
             self.hooks.append(hook)

@@ -62,6 +62,17 @@ class Publisher:
         """Take ranks imported elsewhere (a target's, before it becomes a source) as this source's."""
         self._ranks = ranks
 
+    def release(self) -> int:
+        """Deregister and unmap the engine memory of a failed attempt (no READ may be in flight); its bytes. Before
+        a fallback storage load: vLLM rebuilds the model there, and our mapping kept the old one alive beside the
+        new (about twice the model in /dev/shm on CPU, measured in docs/benchmarks/cpu-fallback-memory.json)."""
+        nbytes = sum(r.nbytes for rm in self._ranks.values() for r in rm.regions)
+        for rm in self._ranks.values():
+            rm.close()
+        self._ranks = {}
+        self.metrics.registered_bytes.labels(self.engine.model, "engine").set(0)
+        return nbytes
+
     async def become_source(self, manifests: list[Manifest], verified: bool) -> None:
         """Import (if the layout changed), stage, checksum (unless just verified against a source), publish."""
         t0 = time.monotonic()

@@ -1,0 +1,76 @@
+"""The pod's own life through real processes: the engine container restarts (or dies for a while) under a running
+sidecar. The sidecar withdraws, drops the old engine's memory and runs the replica's life again for the new engine,
+in the same process (no exit, no crash-loop back-off)."""
+
+from __future__ import annotations
+
+from sidecar.lab.fallback_memory import measure
+from tests.test_end_to_end import _metric, _sources
+
+SERVING = r"serving as a source"
+
+
+def test_an_engine_restarted_under_a_serving_sidecar_ends_served_and_published_again(replicas, redis_server):
+    a = replicas("a")
+    res_a = a.engine_results()
+    a.wait_serving()
+    sidecar_pid = a.sidecar.p.pid
+    mark = len(a.sidecar.lines)
+    a.restart_engine()  # SIGKILL, then a new engine process on the same sockets
+    a.sidecar.wait_for(r"the engine restarted \(incarnation .*life starts over", 30, after=mark)
+    res_new = a.engine_results(timeout=60)
+    # The new engine got a verdict from the sidecar (not its own timeout) and holds the checkpoint's bytes.
+    assert [res_new[r]["outcome"] for r in (0, 1)] == ["loaded", "loaded"]
+    assert all(res_new[r]["digests"] == res_a[r]["digests"] for r in (0, 1))
+    a.sidecar.wait_for(SERVING, 30, after=mark)
+    assert a.sidecar.p.poll() is None and a.sidecar.p.pid == sidecar_pid, "the same sidecar process serves on"
+    assert len(_sources(redis_server.url)) == 1, "one record: the old life's was withdrawn"
+    _, text = a.http("/metrics")
+    assert _metric(text, "mx_engine_restarts_total", reason="restarted") == 1
+    b = replicas("b")  # reads the new engine's memory through the new record
+    res_b = b.engine_results()
+    assert [res_b[r]["outcome"] for r in (0, 1)] == ["received", "received"]
+    assert all(res_b[r]["digests"] == res_a[r]["digests"] for r in (0, 1))
+
+
+def test_an_engine_that_dies_and_comes_back_later_is_waited_for_and_served(replicas):
+    a = replicas("a", extra_env={"MX_REQUEST_TIMEOUT": "1"})
+    res_a = a.engine_results()
+    a.wait_serving()
+    mark = len(a.sidecar.lines)
+    a.kill_engine()
+    a.sidecar.wait_for(r"engine is gone; withdrawn .* life starts over", 30, after=mark)
+    a.sidecar.wait_for(r"waiting for engine rank 0", 10, after=mark)
+    assert a.sidecar.p.poll() is None, "waits for the next engine instead of exiting"
+    a.start_engine()
+    res_new = a.engine_results(timeout=60)
+    assert [res_new[r]["outcome"] for r in (0, 1)] == ["loaded", "loaded"]
+    assert res_new[0]["digests"] == res_a[0]["digests"]
+    a.sidecar.wait_for(SERVING, 30, after=mark)
+    _, text = a.http("/metrics")
+    assert _metric(text, "mx_engine_restarts_total", reason="gone") == 1
+
+
+def test_an_engine_restarted_mid_receive_ends_on_the_checkpoints_bytes_never_the_old_attempts(replicas):
+    a = replicas("a")
+    res_a = a.engine_results()
+    a.wait_serving()
+    b = replicas("b", extra_env={"MX_TEST_FAILPOINTS": "before_read=sleep:0.05", "MX_STAGING_SLOT_BYTES": "64KiB"})
+    b.sidecar.wait_for(r"pulling .* from", 30)
+    mark = len(b.sidecar.lines)
+    b.restart_engine()
+    b.sidecar.wait_for(r"the engine restarted .*life starts over", 30, after=mark)
+    res_b = b.engine_results(timeout=90)
+    assert {res_b[r]["outcome"] for r in (0, 1)} <= {"received", "loaded"}
+    assert all(res_b[r]["digests"] == res_a[r]["digests"] for r in (0, 1))
+    b.sidecar.wait_for(SERVING, 60, after=mark)
+    assert b.sidecar.p.poll() is None
+
+
+def test_a_failed_receive_is_unmapped_before_the_storage_load_so_the_fallback_peaks_at_one_model(
+        redis_server, checkpoint, work):
+    # The same measurement as `make bench` (docs/benchmarks/cpu-fallback-memory.json) on the small test model.
+    after = measure(checkpoint, redis_server.url, work, "released", keep_mapped=False, hold_s=0.5)
+    assert after["peak_over_model"] < 1.4, after
+    before = measure(checkpoint, redis_server.url, work, "kept", keep_mapped=True, hold_s=0.5)  # the old behaviour
+    assert before["peak_over_model"] > 1.7, before  # the measurement tells the two apart
