@@ -1,4 +1,4 @@
-"""`mx-sidecar run | status | config | bench | demo` (also `python -m sidecar ...`)."""
+"""`mx-sidecar run | status | doctor | config | bench | demo` (also `python -m sidecar ...`); `--version`."""
 
 from __future__ import annotations
 
@@ -12,8 +12,19 @@ from sidecar.config import cli_config
 from sidecar.settings import ConfigError, markdown_table, redact_url
 
 
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml's `name`)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mx-sidecar")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mx-sidecar", description="GPU-to-GPU weight transfer sidecar")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("run", help="run the daemon for the engine at MX_ZMQ_ADDRESS")
     st_p = sub.add_parser("status", help="the fleet in MX_REDIS_URL: models, sources, seeding, targets in flight")
@@ -27,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("demo", help="end-to-end demo on this machine (as `make demo`)", add_help=False)
     cfg_p = sub.add_parser("config", help="validate the MX_* environment and print it")
     cfg_p.add_argument("--markdown", action="store_true", help="print the settings table for the README")
+    doc_p = sub.add_parser("doctor", help="check Redis, the key file, the socket directory, /dev/shm, UCX, RDMA, GPUs")
+    doc_p.add_argument("--json", action="store_true", help="one JSON object per check per line")
+    doc_p.add_argument("--model-bytes", type=int, help="warn when /dev/shm is smaller than this")
     args, rest = p.parse_known_args(argv)
     if args.cmd in ("bench", "demo"):
         from importlib import import_module
@@ -44,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in vars(cfg).items():
             print(f"{k} = {redact_url(v) if k == 'redis_url' else v!r}")
         return 0
+    if args.cmd == "doctor":
+        from sidecar.doctor import main as doctor
+
+        return doctor(cfg, args.json, args.model_bytes)
     if args.cmd == "status":
         from redis.exceptions import RedisError  # the sidecar extra
 

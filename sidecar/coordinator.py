@@ -141,6 +141,10 @@ class Coordinator:
         await self._call("put_agent", self._r.set(key, self._keys.seal("agent", key, metadata, secret=True),
                                                    px=self._ttl_ms))
 
+    async def agent_published(self, name: str) -> bool:
+        """Whether `name`'s metadata is still in Redis: a reader refreshes it while it receives (its liveness)."""
+        return bool(await self._call("agent_published", self._r.exists(self._key_of.agent(name))))
+
     async def get_agent(self, name: str) -> bytes:
         """The agent's NIXL metadata; AuthError if its seal is missing or wrong (a foreign agent)."""
         key = self._key_of.agent(name)

@@ -34,7 +34,6 @@ from sidecar.lab.embedded_redis import server_binary
 from sidecar.redis_client import connect
 from sidecar.settings import SETTINGS
 from tests.tooling import (
-    COMPONENTS,
     DEPLOY,
     OVERLAYS,
     compose,
@@ -50,8 +49,13 @@ from tests.tooling import (
 # Settings the lead's security work adds to sidecar/config.py (reserved names, HELPERS-COMMON.md).
 RESERVED_SETTINGS = {"MX_AUTH_KEY_FILE", "MX_REDIS_USERNAME", "MX_REDIS_PASSWORD_FILE", "MX_REDIS_TLS_CA_FILE",
                      "MX_REDIS_TLS_CERT_FILE", "MX_REDIS_TLS_KEY_FILE", "MX_ALLOW_TCP_HOOK"}
-VARIANTS = [(o, ()) for o in OVERLAYS] + [("vllm", ("rdma",)), ("vllm", ("redis-tls",)), ("trtllm", COMPONENTS),
+# Every opt-in component, in the order a kustomization lists them (redis-tls patches the bundled Redis).
+COMPONENTS = ("redis", "redis-tls", "monitoring", "rdma")
+VARIANTS = [(o, ()) for o in OVERLAYS] + [("vllm", ("redis",)), ("vllm", ("monitoring",)), ("vllm", ("rdma",)),
+                                          ("vllm", ("redis", "redis-tls")), ("trtllm", COMPONENTS),
                                           ("example", ())]
+# The API groups of a plain cluster: what deploy/base and every variant without components/monitoring may use.
+BUILT_IN_API_VERSIONS = {"v1", "apps/v1", "policy/v1", "networking.k8s.io/v1"}
 
 
 def _ids(v: tuple[str, tuple[str, ...]]) -> str:
@@ -73,6 +77,9 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, 
         path = base / f"{vid}.yaml"
         path.write_text(text)
         out[vid] = (path, docs(text))
+    text = kustomize(DEPLOY / "base")  # what `kubectl apply -k deploy/base` would create
+    (base / "base.yaml").write_text(text)
+    out["base"] = (base / "base.yaml", docs(text))
     return out
 
 
@@ -107,11 +114,46 @@ def _mount(container: dict[str, Any], volume: str) -> str:
 # ---------------------------------------------------------------- render + validate
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
-def test_every_overlay_and_component_renders(rendered, variant):
+def test_every_overlay_and_component_renders_with_exactly_the_objects_its_components_add(rendered, variant):
     _, objs = rendered[_ids(variant)]
+    comps = variant[1]
     kinds = sorted(o["kind"] for o in objs)
-    assert kinds.count("Deployment") == 2 and "PodMonitor" in kinds and "PrometheusRule" in kinds
-    assert kinds.count("NetworkPolicy") == 2 and "Secret" not in kinds
+    bundled = "redis" in comps
+    assert kinds.count("Deployment") == 1 + bundled and kinds.count("NetworkPolicy") == 1 + bundled
+    assert kinds.count("PodDisruptionBudget") == 1 and "Secret" not in kinds
+    monitoring = "monitoring" in comps
+    assert kinds.count("PodMonitor") == kinds.count("PrometheusRule") == int(monitoring)
+    dashboards = [o for o in objs if o["kind"] == "ConfigMap" and "mx-sidecar.json" in o.get("data", {})]
+    assert len(dashboards) == int(monitoring)
+
+
+@pytest.mark.parametrize("variant", [("base", ()), *[v for v in VARIANTS if "monitoring" not in v[1]]], ids=_ids)
+def test_the_base_and_every_variant_without_monitoring_use_only_built_in_kinds(rendered, variant):
+    # deploy/base must apply on a plain cluster: no Prometheus Operator CRD kinds, no other CRD group.
+    _, objs = rendered[_ids(variant)]
+    assert objs
+    assert not [o["kind"] for o in objs if o["apiVersion"].startswith("monitoring.coreos.com/")]
+    assert {o["apiVersion"] for o in objs} <= BUILT_IN_API_VERSIONS, {o["apiVersion"] for o in objs}
+
+
+def test_the_base_alone_holds_no_bundled_redis_and_points_at_an_existing_one_by_url_and_secret(rendered):
+    _, objs = rendered["base"]
+    assert {(o["kind"], o["metadata"]["name"]) for o in objs if o["kind"] != "ConfigMap"} == {
+        ("Deployment", "llm"), ("PodDisruptionBudget", "llm"), ("NetworkPolicy", "mx-peers")}
+    env = _env(objs, _sidecar(objs))
+    assert urlsplit(env["MX_REDIS_URL"]).hostname not in ("mx-redis", None)
+    vols = {v["name"]: v for v in _pod(objs)["spec"]["volumes"]}
+    assert vols["mx-redis-auth"]["secret"]["items"] == [{"key": "password", "path": "password"}]
+    assert env["MX_REDIS_PASSWORD_FILE"] == _mount(_sidecar(objs), "mx-redis-auth") + "/password"
+    assert env["MX_REDIS_USERNAME"]
+
+
+@pytest.mark.parametrize("k8s", ["1.30.0", "1.33.0"])
+def test_the_base_alone_validates_strictly_against_the_kubernetes_schema(rendered, k8s):
+    path, _ = rendered["base"]
+    res = run([venv_tool("kubernetes-validate"), "--strict", "-k", k8s, str(path)])
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "passed for resource poddisruptionbudget/llm" in res.stdout + res.stderr
 
 
 @pytest.mark.parametrize("k8s", ["1.30.0", "1.33.0"])
@@ -248,7 +290,8 @@ def test_no_secret_is_inline_and_every_secret_file_is_a_mounted_secret(rendered,
 @pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
 def test_containers_run_non_root_on_read_only_filesystems_without_privilege_escalation(rendered, variant):
     _, objs = rendered[_ids(variant)]
-    for dep, cname in (("llm", "mx-sidecar"), ("mx-redis", "redis")):
+    pairs = [("llm", "mx-sidecar")] + ([("mx-redis", "redis")] if "redis" in variant[1] else [])
+    for dep, cname in pairs:
         spec = find(objs, "Deployment", dep)["spec"]["template"]["spec"]
         c = next(x for x in spec.get("initContainers", []) + spec["containers"] if x["name"] == cname)
         sc = c["securityContext"]
@@ -280,21 +323,29 @@ def test_network_policies_admit_only_replicas_to_redis_and_to_the_pinned_ucx_por
     open_ports = {p["port"] for r in peers["ingress"] if "from" not in r for p in r["ports"]}
     api = set() if variant[0] == "trtllm" else {8000}  # the TRT-LLM publisher has no API
     assert open_ports == {9400} | api, "only metrics/probes and the engine's API are open to all"
+    url = urlsplit(_env(objs, _sidecar(objs))["MX_REDIS_URL"])
+    if "redis" not in variant[1]:  # an existing Redis: its own network rules
+        assert not [o for o in objs if o["metadata"]["name"] == "mx-redis"] and url.hostname != "mx-redis"
+        return
     red = find(objs, "NetworkPolicy", "mx-redis")["spec"]
     redis_pod = find(objs, "Deployment", "mx-redis")["spec"]["template"]["metadata"]["labels"]
     assert red["podSelector"]["matchLabels"].items() <= redis_pod.items()
     assert red["ingress"] == [{"from": [{"podSelector": {"matchLabels": peer}}],
                                "ports": [{"protocol": "TCP", "port": 6379}]}]
-    url = urlsplit(_env(objs, _sidecar(objs))["MX_REDIS_URL"])
     assert url.port == 6379 and url.hostname == find(objs, "Service", "mx-redis")["metadata"]["name"]
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if "monitoring" in v[1]], ids=_ids)
 def test_the_pod_monitor_selects_the_replicas_and_the_sidecars_metrics_port(rendered, variant):
     _, objs = rendered[_ids(variant)]
     pm = find(objs, "PodMonitor", "mx-sidecar")["spec"]
     assert pm["selector"]["matchLabels"].items() <= _pod(objs)["metadata"]["labels"].items()
     assert [e["port"] for e in pm["podMetricsEndpoints"]] == ["mx-metrics"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
+def test_a_rollout_keeps_live_sources(rendered, variant):
+    _, objs = rendered[_ids(variant)]
     dep = find(objs, "Deployment", "llm")["spec"]
     assert dep["selector"]["matchLabels"].items() <= dep["template"]["metadata"]["labels"].items()
     assert dep["strategy"]["rollingUpdate"]["maxUnavailable"] == 0, "keep live sources during a rollout"
@@ -317,6 +368,11 @@ def test_the_users_example_sets_namespace_images_and_model_and_keeps_the_contrac
     assert _env(objs, _sidecar(objs))["MX_MODEL_NAME"] == "qwen2.5-7b"
     assert find(objs, "Deployment", "llm")["spec"]["replicas"] == 4
     assert "--load-format" in _engine(objs)["args"] and _engine(objs)["args"][2] == "mx"
+    # Opt-ins stay off: no RDMA device, no bundled Redis, no CRD kinds; the Redis is the user's, by URL.
+    assert not [k for k in _sidecar(objs)["resources"].get("limits", {}) if k.startswith("rdma/")]
+    assert "UCX_TLS" not in _env(objs, _sidecar(objs))
+    assert not [o for o in objs if o["metadata"]["name"] == "mx-redis" or o["kind"] == "PodMonitor"]
+    assert urlsplit(_env(objs, _sidecar(objs))["MX_REDIS_URL"]).hostname == "redis.cache.svc.cluster.local"
 
 
 def test_the_rdma_component_gives_the_rdma_device_and_ipc_lock_to_the_sidecar_only(rendered):
@@ -329,7 +385,7 @@ def test_the_rdma_component_gives_the_rdma_device_and_ipc_lock_to_the_sidecar_on
 
 
 def test_the_redis_tls_component_switches_to_rediss_with_a_mounted_ca(rendered):
-    _, objs = rendered["vllm+redis-tls"]
+    _, objs = rendered["vllm+redis+redis-tls"]
     env = _env(objs, _sidecar(objs))
     assert env["MX_REDIS_URL"].startswith("rediss://")
     ca = env["MX_REDIS_TLS_CA_FILE"]
@@ -337,6 +393,106 @@ def test_the_redis_tls_component_switches_to_rediss_with_a_mounted_ca(rendered):
     args = find(objs, "Deployment", "mx-redis")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--port") + 1] == "0" and args[args.index("--tls-port") + 1] == "6379"
     assert "--aclfile" in args
+
+
+# ---------------------------------------------------------------- availability: PDB, spread, probes, Service
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    return bool(selector["matchLabels"]) and selector["matchLabels"].items() <= labels.items()
+
+
+@pytest.mark.parametrize("variant", [("base", ()), *VARIANTS], ids=_ids)
+def test_a_pod_disruption_budget_lets_a_drain_take_at_most_one_replica_of_the_deployment(rendered, variant):
+    _, objs = rendered[_ids(variant)]
+    pdb = find(objs, "PodDisruptionBudget", "llm")["spec"]
+    assert _selects(pdb["selector"], _pod(objs)["metadata"]["labels"])
+    assert pdb["selector"] == find(objs, "Deployment", "llm")["spec"]["selector"], "exactly the Deployment's pods"
+    replicas = find(objs, "Deployment", "llm")["spec"].get("replicas", 1)
+    if "maxUnavailable" in pdb:
+        assert pdb["maxUnavailable"] == 1
+    else:  # minAvailable must leave a drain possible, or a node never empties
+        assert 0 < int(pdb["minAvailable"]) < max(replicas, 2)
+
+
+@pytest.mark.parametrize("variant", [("base", ()), *VARIANTS], ids=_ids)
+def test_replicas_spread_across_nodes_without_ever_blocking_scheduling(rendered, variant):
+    _, objs = rendered[_ids(variant)]
+    pod = _pod(objs)
+    spread = [c for c in pod["spec"]["topologySpreadConstraints"] if c["topologyKey"] == "kubernetes.io/hostname"]
+    assert len(spread) == 1, pod["spec"]["topologySpreadConstraints"]
+    assert spread[0]["whenUnsatisfiable"] == "ScheduleAnyway", "DoNotSchedule would strand replicas on a full fleet"
+    assert spread[0]["maxSkew"] == 1
+    assert _selects(spread[0]["labelSelector"], pod["metadata"]["labels"])
+
+
+def _readiness_probes(pod: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    spec = pod["spec"]
+    return [(c["name"], c["readinessProbe"]) for c in spec.get("initContainers", []) + spec["containers"]
+            if "readinessProbe" in c]
+
+
+def _probe_is_sane(name: str, probe: dict[str, Any]) -> None:
+    # One slow answer must not take a ready replica out of its Service: at least 3 failures of 5 s periods.
+    assert probe.get("periodSeconds", 10) >= 5, f"{name}: readiness every {probe.get('periodSeconds')} s"
+    assert probe.get("failureThreshold", 3) >= 3, f"{name}: failureThreshold {probe.get('failureThreshold')}"
+    assert probe.get("timeoutSeconds", 1) >= 2, f"{name}: timeoutSeconds {probe.get('timeoutSeconds', 1)}"
+
+
+@pytest.mark.parametrize("variant", [("base", ()), *VARIANTS], ids=_ids)
+def test_readiness_probes_tolerate_a_slow_answer(rendered, variant):
+    _, objs = rendered[_ids(variant)]
+    probes = _readiness_probes(_pod(objs))
+    assert "mx-sidecar" in dict(probes)
+    for name, probe in probes:
+        _probe_is_sane(f"{_ids(variant)}/{name}", probe)
+
+
+def test_the_trtllm_examples_readiness_probes_tolerate_a_slow_answer():
+    seen = 0
+    for f in sorted((DEPLOY / "examples" / "trtllm").glob("*.yaml")):
+        for name, probe in _readiness_probes(find(docs(f.read_text()), "Deployment")["spec"]["template"]):
+            _probe_is_sane(f"{f.name}/{name}", probe)
+            seen += 1
+    assert seen == 3
+
+
+def test_the_probe_policy_rejects_the_old_two_second_single_failure_probe():
+    with pytest.raises(AssertionError, match="readiness every 2 s"):
+        _probe_is_sane("old", {"periodSeconds": 2, "failureThreshold": 1})
+    with pytest.raises(AssertionError, match="failureThreshold 1"):
+        _probe_is_sane("old", {"periodSeconds": 5, "failureThreshold": 1, "timeoutSeconds": 2})
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v[0] != "trtllm"], ids=_ids)
+def test_a_service_exposes_the_engines_api_port_of_the_replicas(rendered, variant):
+    _, objs = rendered[_ids(variant)]
+    svc = find(objs, "Service", "llm")["spec"]
+    assert svc["selector"].items() <= _pod(objs)["metadata"]["labels"].items()
+    names = {p["name"]: p["containerPort"] for p in _engine(objs)["ports"]}
+    for port in svc["ports"]:
+        assert port["targetPort"] in names, f"{port} names no port of the engine"
+        assert port["port"] == names[port["targetPort"]]
+
+
+def test_every_trtllm_example_sidecar_and_loader_carries_the_redis_credentials_of_the_base(rendered):
+    _, objs = rendered["base"]
+    base_env = _env(objs, _sidecar(objs))
+    base_dir = _mount(_sidecar(objs), "mx-redis-auth")
+    checked = 0
+    for f in sorted((DEPLOY / "examples" / "trtllm").glob("*.yaml")):
+        spec = find(docs(f.read_text()), "Deployment")["spec"]["template"]["spec"]
+        secret_vols = {v["name"]: v["secret"] for v in spec["volumes"] if "secret" in v}
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            if "MX_REDIS_URL" not in env:
+                continue
+            assert env["MX_REDIS_USERNAME"] == base_env["MX_REDIS_USERNAME"], f"{f.name}/{c['name']}"
+            assert env["MX_REDIS_PASSWORD_FILE"] == base_env["MX_REDIS_PASSWORD_FILE"], f"{f.name}/{c['name']}"
+            vol = next(m["name"] for m in c["volumeMounts"] if m["mountPath"] == base_dir)
+            assert secret_vols[vol]["secretName"] == "mx-redis-auth"
+            assert secret_vols[vol]["defaultMode"] == 288
+            checked += 1
+    assert checked == 3  # the publisher's sidecar and the two loaders
 
 
 # ---------------------------------------------------------------- images

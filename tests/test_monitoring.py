@@ -166,9 +166,59 @@ def test_prometheus_rule_resource_and_dashboard_cover_the_issue_list():
     assert {"MxFellBackToStorage", "MxNoLiveSource", "MxSlowLink", "MxRedisErrors", "MxTimeToReadySLO",
             "MxUnauthenticatedRecords"} <= alerts
     titles = {t for t, _ in _panel_exprs()}
-    assert {"Throughput of the last receive", "Time to ready", "Transfers by result", "Live sources",
+    assert {"Throughput of the last receive", "Time to ready", "Transfers by result (30 min)", "Live sources",
             "Fallbacks to storage (30 min)", "Redis errors (10 min)"} <= titles
     assert Path(ROOT / "docs" / "dashboard.png").exists(), "docs/dashboard.png: run `make dashboard-png`"
+
+
+RUNBOOK = "https://github.com/mx-sidecar/mx-sidecar/blob/main/README.md#"
+
+
+def _readme_anchors() -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to dashes."""
+    out, fenced = set(), False
+    for line in (ROOT / "README.md").read_text().splitlines():
+        fenced ^= line.startswith("```")
+        m = None if fenced else re.match(r"#{1,6} (.+)", line)
+        if m:
+            out.add(re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-"))
+    return out
+
+
+@pytest.mark.parametrize("rule", _alert_rules(), ids=[r["alert"] for r in _alert_rules()])
+def test_every_alert_links_a_runbook_whose_anchor_is_a_heading_in_the_readme(rule):
+    url = rule["annotations"]["runbook_url"]
+    assert url == RUNBOOK + "runbook-" + rule["alert"].lower()
+    assert url.removeprefix(RUNBOOK) in _readme_anchors(), f"README.md has no heading for {url}"
+
+
+def test_the_readme_anchor_check_misses_a_heading_that_is_not_there():
+    assert "runbook-mxfellbacktostorage" in _readme_anchors()
+    assert "runbook-mxnosuchalert" not in _readme_anchors()
+
+
+_COUNTER = re.compile(r"\bmx_\w+_(?:total|bucket)\b")
+
+
+def _counter_use_is_windowed(expr: str) -> bool:
+    """Every raw counter (a _total or a histogram _bucket) sits inside rate()/increase() or the fresh-series
+    guard `(x unless x offset w)` that goes with increase(); recording rules (mx:...) are windowed already."""
+    stripped = re.sub(r"\b(?:rate|increase)\((?:[^()]|\([^()]*\))*\)", "", expr)
+    stripped = re.sub(r"\(\s*(mx_\w+)(\{[^}]*\})?\s+unless\s+\1(\{[^}]*\})?\s+offset\s+\w+\)", "", stripped)
+    return not _COUNTER.search(stripped)
+
+
+@pytest.mark.parametrize("title,expr", _panel_exprs(), ids=[t for t, _ in _panel_exprs()])
+def test_no_dashboard_panel_plots_a_raw_counter(title, expr):
+    assert _counter_use_is_windowed(expr), f"{title}: {expr}"
+    if "histogram_quantile" in expr:
+        assert "rate(" in expr or ":increase" in expr, f"{title}: a quantile over counts since each pod started"
+
+
+def test_the_raw_counter_check_flags_a_cumulative_panel():
+    assert not _counter_use_is_windowed('sum by (model) (mx_transfers_total{model=~"$model"})')
+    assert not _counter_use_is_windowed("histogram_quantile(0.9, sum by (le) (mx_transfer_duration_seconds_bucket))")
+    assert _counter_use_is_windowed("sum(rate(mx_transfer_bytes_total[5m]))")
 
 
 # ---------------------------------------------------------------------------- the HTTP server, through real sockets

@@ -4,6 +4,9 @@ in the same process (no exit, no crash-loop back-off)."""
 
 from __future__ import annotations
 
+import signal
+import time
+
 from sidecar.lab.fallback_memory import measure
 from tests.test_end_to_end import _metric, _sources
 
@@ -74,3 +77,19 @@ def test_a_failed_receive_is_unmapped_before_the_storage_load_so_the_fallback_pe
     assert after["peak_over_model"] < 1.4, after
     before = measure(checkpoint, redis_server.url, work, "kept", keep_mapped=True, hold_s=0.5)  # the old behaviour
     assert before["peak_over_model"] > 1.7, before  # the measurement tells the two apart
+
+
+def test_a_direct_reader_that_dies_mid_read_frees_its_source_slot_within_two_metadata_ttls(replicas):
+    a = replicas("a")
+    a.engine_results()
+    a.wait_serving()
+    b = replicas("b", extra_env={"MX_TEST_FAILPOINTS": "before_read=sleep:0.3", "MX_STAGING_SLOT_BYTES": "64KiB"})
+    b.sidecar.wait_for(r"failpoint before_read", 30)  # Welcomed: READs under way
+    b.sidecar.signal(signal.SIGKILL)  # no Bye: before, the session held one of 64 slots for MX_TRANSFER_TIMEOUT
+    t0 = time.monotonic()
+    a.sidecar.wait_for(r"reader \S+ no longer refreshes its metadata .*; session dropped", 20)
+    assert time.monotonic() - t0 < 2 * 3 + 3  # MX_SOURCE_TTL=3 in the tests: expiry, then one check
+    _, text = a.http("/metrics")
+    assert _metric(text, "mx_serve_sessions_total", result="reader_gone") >= 1
+    c = replicas("c")  # the source serves on
+    assert c.engine_results()[0]["outcome"] == "received"

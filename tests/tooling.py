@@ -19,7 +19,6 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 OVERLAYS = ("vllm", "trtllm")
-COMPONENTS = ("rdma", "redis-tls")
 
 
 def _missing(what: str, fix: str) -> None:

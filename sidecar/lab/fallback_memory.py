@@ -81,7 +81,10 @@ def corrupt_one_checksum(url: str, model: str, prefix: str = "mx") -> None:
     deployment key), keeping its TTL."""
     r = redis.Redis.from_url(url)
     for key in r.scan_iter(f"{prefix}:*:src:*"):
-        sealed = decode(Sealed, r.get(key))
+        blob = r.get(key)
+        if not isinstance(blob, bytes):  # expired since the scan
+            continue
+        sealed = decode(Sealed, blob)
         rec = decode(SourceRecord, sealed.body)
         if rec.model == model:
             break

@@ -56,6 +56,33 @@ class HelloGuard:
         return ""
 
 
+class ReaderGone(RuntimeError):
+    pass
+
+
+async def _until_bye(s: ReaderSession, coord: Coordinator, cfg: Config) -> None:
+    """A direct session ends with the reader's Bye, within MX_TRANSFER_TIMEOUT. The reader READs without telling
+    us, so its liveness is its agent metadata, which it refreshes in Redis while it receives (TTL MX_SOURCE_TTL):
+    once that expired, the reader is gone and its slot (one of 64) is freed, instead of held for the full timeout.
+    Redis down: the reader's fate is unknown and the transfer timeout alone bounds the session."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + cfg.transfer_timeout
+    while True:
+        left = deadline - loop.time()
+        if left <= 0:
+            raise TimeoutError
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(s.bye.wait(), min(left, cfg.source_ttl))
+            return
+        try:
+            alive = await coord.agent_published(s.hello.reader)
+        except CoordinatorUnavailable:
+            continue
+        if not alive:
+            raise ReaderGone(f"reader {s.hello.reader} no longer refreshes its metadata (gone for "
+                             f"{cfg.source_ttl:.0f}s or more)")
+
+
 async def serve_reader(s: ReaderSession, rank: RankMemory | None, *, cfg: Config, model: str,
                        coord: Coordinator | None, metrics: Metrics, send: Send, forget: Callable[[], None]) -> None:
     """Serve one reader to the end; `forget` drops the session from the server's table before it is counted."""
@@ -78,7 +105,7 @@ async def serve_reader(s: ReaderSession, rank: RankMemory | None, *, cfg: Config
             # Direct: the reader's READs need no work here over CMA/RDMA; the idle pump still drives
             # UCX's progress for transports that need it. Polling tightly here measured slower on 2 cores.
             send(transport, s.peer, Welcome(PROTOCOL_VERSION, s.hello.session, True))
-            await asyncio.wait_for(s.bye.wait(), cfg.transfer_timeout)
+            await _until_bye(s, coord, cfg)
         else:
             ring, tx = rank.ring, transport
 
@@ -102,6 +129,9 @@ async def serve_reader(s: ReaderSession, rank: RankMemory | None, *, cfg: Config
         log.warning("[model=%s role=source peer=%s] refused reader: %s", model, s.peer, e)
         if transport is not None and peer_name == s.peer:
             send(transport, s.peer, Welcome(PROTOCOL_VERSION, s.hello.session, False, str(e)))
+    except ReaderGone as e:
+        result = "reader_gone"
+        log.warning("[model=%s role=source peer=%s] %s; session dropped", model, s.peer, e)
     except TimeoutError:
         result = "timeout"
         log.warning("[model=%s role=source peer=%s] reader stalled; session dropped", model, s.peer)
