@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults import SCENARIOS, Lab, stampede
+from tests.chaos import SCENARIOS
+from tests.faults import Lab, stampede
 
 pytestmark = pytest.mark.fault
 
@@ -33,6 +34,9 @@ EXPECTED = {  # what may happen, besides "never wrong"
     "target_killed": {"received", "fell_back"},
     "fence_unconfirmed": {"received", "fell_back"},
     "seeder_killed": {"fell_back"},
+    "engine_restart_serving": {"fell_back"},  # the new engine loads (it seeds again), then a target receives
+    "sidecar_restart_loading": {"fell_back"},
+    "direct_reader_killed": {"received"},
 }
 
 
