@@ -493,3 +493,20 @@ def test_a_withdrawing_source_tells_its_reader_which_moves_on_at_once(replicas):
     res_b = b.engine_results(timeout=60)
     assert res_b[0]["outcome"] == "loaded" and res_b[0]["digests"] == res_a[0]["digests"]  # storage, unchanged
     assert withdrew
+
+
+def test_a_hello_that_reaches_a_source_after_it_withdrew_is_refused_at_once_not_left_to_stall(replicas):
+    a = replicas("a")
+    res_a = a.engine_results()
+    a.wait_serving()
+    # b picks a, then prepares for 3 s; meanwhile a withdraws (in-place weight update), so b's Hello comes late.
+    b = replicas("b", engine_args=["--prepare-delay", "3"], extra_env={"MX_STALL_TIMEOUT": "60"})
+    b.sidecar.wait_for(r"phase=role .*: target", 30)
+    a.engine.signal(signal.SIGUSR1)
+    a.sidecar.wait_for(r"withdrawing as a source", 10)
+    b.sidecar.wait_for(r"pulling .* from", 30)
+    t0 = time.monotonic()
+    b.sidecar.wait_for(r"source failed: source refused: this replica no longer serves rank \d \(withdrawn\)", 10)
+    assert time.monotonic() - t0 < 5, "a signed refusal, not MX_STALL_TIMEOUT of silence"
+    res_b = b.engine_results(timeout=60)
+    assert res_b[0]["outcome"] == "loaded" and res_b[0]["digests"] == res_a[0]["digests"]

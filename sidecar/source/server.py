@@ -33,12 +33,16 @@ class SourceServer:
         self._m = metrics
         self._keys = keys
         self._ranks: dict[int, RankMemory] = {}
+        # Each rank's agent, kept after a withdrawal: a reader whose Hello comes late is refused from the agent it
+        # addressed (it ignores any other) at once, instead of waiting out MX_STALL_TIMEOUT in silence.
+        self._agents: dict[int, Transport] = {}
         self._sessions: dict[tuple[str, str], ReaderSession] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._hellos = HelloGuard()
 
     def serve(self, ranks: dict[int, RankMemory]) -> None:
         self._ranks = ranks
+        self._agents.update({r: rm.transport for r, rm in ranks.items() if rm.transport is not None})
 
     def stop_serving(self) -> None:
         """Withdrawn: refuse new readers and end the sessions in progress (their targets fall back)."""
@@ -85,7 +89,7 @@ class SourceServer:
             self._sessions.pop((s.peer, s.hello.session), None)
 
         await serve_reader(s, self._ranks.get(s.hello.rank), cfg=self._cfg, model=self.model, coord=self._coord,
-                           metrics=self._m, send=self._send, forget=forget)
+                           metrics=self._m, send=self._send, forget=forget, agent=self._agents.get(s.hello.rank))
 
     async def close(self) -> None:
         for t in list(self._tasks):

@@ -84,13 +84,15 @@ async def _until_bye(s: ReaderSession, coord: Coordinator, cfg: Config) -> None:
 
 
 async def serve_reader(s: ReaderSession, rank: RankMemory | None, *, cfg: Config, model: str,
-                       coord: Coordinator | None, metrics: Metrics, send: Send, forget: Callable[[], None]) -> None:
-    """Serve one reader to the end; `forget` drops the session from the server's table before it is counted."""
+                       coord: Coordinator | None, metrics: Metrics, send: Send, forget: Callable[[], None],
+                       agent: Transport | None = None) -> None:
+    """Serve one reader to the end; `forget` drops the session from the server's table before it is counted.
+    `agent`: the rank's agent even when the rank is not served (withdrawn): the refusal goes out from it."""
     result = "ok"
     peer_name: str | None = None
-    transport = rank.transport if rank else None
+    transport = rank.transport if rank else agent
     try:
-        if rank is None or transport is None:
+        if transport is None:  # never served this rank: the Hello did not come to one of our rank agents
             raise ProtocolError(f"this replica does not serve rank {s.hello.rank} (yet)")
         if coord is None:
             raise ProtocolError("no Redis: cannot look up the reader's metadata")
@@ -99,6 +101,8 @@ async def serve_reader(s: ReaderSession, rank: RankMemory | None, *, cfg: Config
             peer_name = transport.add_peer(meta, s.peer)
         except ValueError as e:
             raise ProtocolError(str(e)) from None
+        if rank is None:
+            raise ProtocolError(f"this replica no longer serves rank {s.hello.rank} (withdrawn)")
         if s.hello.layout_digest != rank.manifest.layout_digest:
             raise ProtocolError("layout digest differs from this source's")
         if rank.ring is None:
