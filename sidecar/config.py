@@ -80,5 +80,5 @@ def cli_config(prog: str) -> Config | None:
     except ConfigError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return None
-    setup_logging(cfg.log_level)
+    setup_logging(cfg.log_level, cfg.log_format)
     return cfg

@@ -310,6 +310,9 @@ class Settings:
         "Loader: seconds trtllm-build may run before it is stopped and the build counts as failed.")
     log_level: str = setting("MX_LOG_LEVEL", "info", _choice("debug", "info", "warning", "error"),
         "debug, info, warning or error.")
+    log_format: str = setting("MX_LOG_FORMAT", "text", _choice("text", "json"),
+        "`text` (one line per event) or `json` (one object per line: ts, level, logger, msg and the fields of the "
+        "text line's prefix: model, role, rank, peer; phase and phase_s for `phase=` lines).")
     auth_key_file: str = setting("MX_AUTH_KEY_FILE", "", _text,
         "File holding the deployment key (>= 32 bytes, a Kubernetes Secret) that authenticates Redis records, peer "
         "messages and engine commands; empty: everything runs UNAUTHENTICATED (logged, in metrics).")

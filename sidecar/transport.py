@@ -20,6 +20,7 @@ import numpy as np
 
 from sidecar.errors import TransferError
 from sidecar.failpoints import Failpoints
+from sidecar.logs import adopt_logger
 from sidecar.memory.regions import Region
 from sidecar.settings import UCX_ENV_DEFAULTS
 
@@ -35,9 +36,11 @@ def _nixl_api() -> Any:
     # Depend on one CUDA flavour directly: the `nixl` meta package pulls both, and they cannot share a process.
     for mod in ("nixl_cu13._api", "nixl_cu12._api", "nixl._api"):
         try:
-            return __import__(mod, fromlist=["nixl_agent"])
+            api = __import__(mod, fromlist=["nixl_agent"])
         except ImportError:
             continue
+        adopt_logger("nixl")  # NIXL configures its own stdout handler on import: its lines join ours
+        return api
     raise ImportError("no NIXL found: install nixl-cu13 (or nixl-cu12)")
 
 

@@ -93,3 +93,22 @@ def test_a_direct_reader_that_dies_mid_read_frees_its_source_slot_within_two_met
     assert _metric(text, "mx_serve_sessions_total", result="reader_gone") >= 1
     c = replicas("c")  # the source serves on
     assert c.engine_results()[0]["outcome"] == "received"
+
+
+def test_with_mx_log_format_json_every_line_of_a_target_parses_and_carries_the_text_lines_fields(replicas):
+    import json
+
+    a = replicas("a")
+    a.engine_results()
+    a.wait_serving()
+    b = replicas("b", extra_env={"MX_LOG_FORMAT": "json"})
+    assert b.engine_results()[0]["outcome"] == "received"
+    b.sidecar.wait_for(r'"msg": "serving as a source', 30)
+    docs = [json.loads(line) for line in b.sidecar.lines]  # every line, NIXL's own logger's included
+    assert any(d["logger"].startswith("nixl") for d in docs)
+    assert len(docs) > 10 and all({"ts", "level", "logger", "msg"} <= d.keys() for d in docs)
+    phases = {d["phase"]: d for d in docs if "phase" in d}
+    assert {"connect", "role", "transfer", "verify", "release"} <= phases.keys()
+    assert phases["transfer"]["role"] == "target" and phases["transfer"]["rank"] in (0, 1)
+    assert isinstance(phases["release"]["phase_s"], float) and phases["release"]["model"] == "toy-llama"
+    assert not any(d["msg"].startswith("[") for d in docs), "the prefix became fields"
