@@ -367,7 +367,7 @@ def test_the_users_example_sets_namespace_images_and_model_and_keeps_the_contrac
     assert _engine(objs)["image"] == "registry.example.com/vllm-mx:v0.26.0-mx1"
     assert _env(objs, _sidecar(objs))["MX_MODEL_NAME"] == "qwen2.5-7b"
     assert find(objs, "Deployment", "llm")["spec"]["replicas"] == 4
-    assert "--load-format" in _engine(objs)["args"] and _engine(objs)["args"][2] == "mx"
+    assert "--load-format" in _engine(objs)["args"] and _engine(objs)["args"][2] == "mx-sidecar"
     # Opt-ins stay off: no RDMA device, no bundled Redis, no CRD kinds; the Redis is the user's, by URL.
     assert not [k for k in _sidecar(objs)["resources"].get("limits", {}) if k.startswith("rdma/")]
     assert "UCX_TLS" not in _env(objs, _sidecar(objs))

@@ -1,4 +1,4 @@
-"""vLLM on a real GPU with `--load-format mx`: plain vLLM, then replica A (loads from storage, becomes a source) and
+"""vLLM on a real GPU with `--load-format mx-sidecar`: plain vLLM, then replica A (loads from storage, a source) and
 replica B (receives A's weights through its sidecar: CUDA IPC on both sides, NIXL between the sidecars), on one GPU.
 
 Real processes: `python -m tests.vllm.engine` (vLLM V1, its engine-core process holds the worker), `python -m sidecar

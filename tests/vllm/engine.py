@@ -1,6 +1,6 @@
 """One vLLM replica for the tests and the measurements: `python -m tests.vllm.engine --model DIR [--tp N] ...`
 
-Starts vLLM's offline engine (`LLM`, V1, multiprocess workers as in production) with `load_format="mx"`
+Starts vLLM's offline engine (`LLM`, V1, multiprocess workers as in production) with `load_format="mx-sidecar"`
 (or `--load-format auto` for plain vLLM), then prints one JSON line:
   {"ready_s": seconds from process start to a ready engine, "load_s": {rank: seconds}, "tokens": greedy ids,
    "ranks": {rank: {"outcome", "tensors", "bytes", "digests": {name: xxh3}}}}
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--load-format", default="mx")
+    p.add_argument("--load-format", default="mx-sidecar")
     p.add_argument("--storage-load-format", default="", help="mx: the vLLM load format for reading storage")
     p.add_argument("--kv-cache-dtype", default="auto")
     p.add_argument("--max-tokens", type=int, default=16)

@@ -1,4 +1,4 @@
-"""A vLLM replica made of real processes: `python -m tests.vllm.engine` (vLLM with `load_format="mx"`)
+"""A vLLM replica made of real processes: `python -m tests.vllm.engine` (vLLM with `load_format="mx-sidecar"`)
 plus, optionally, its sidecar `python -m sidecar run`, configured only through MX_* variables as in a pod."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ FAST_ENV = {
 
 class VllmReplica:
     def __init__(self, name: str, model: str | Path, work: Path, redis_url: str | None = None, tp: int = 1,
-                 load_format: str = "mx", sidecar: bool = True, extra_env: dict[str, str] | None = None,
+                 load_format: str = "mx-sidecar", sidecar: bool = True, extra_env: dict[str, str] | None = None,
                  engine_args: list[str] | None = None) -> None:
         self.name = name
         path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)  # carried packages too

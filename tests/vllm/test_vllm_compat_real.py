@@ -65,8 +65,59 @@ def test_a_vllm_lacking_the_dummy_loader_still_accepts_mx_and_hands_the_load_to_
     with caplog.at_level(logging.WARNING, logger="mx.vllm"):
         got = loader.load_model(vllm_config=vllm_config, model_config=SimpleNamespace(), prefix="")
     assert got is model and len(calls) == 1
-    [line] = [r.getMessage() for r in caplog.records if r.name == "mx.vllm"]
+    [line] = [r.getMessage() for r in caplog.records if r.name == "mx.vllm" and r.levelno >= logging.WARNING]
     assert f"vLLM {vllm_compat.version()}" in line
     assert "vllm.model_executor.model_loader.dummy_loader.DummyModelLoader" in line
     assert "default loader reads storage" in line and "VllmConfig" not in line
     assert hooks.outcome(0) == "loaded_by_vllm"
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def _register_fresh(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    got = _Records()
+    logging.getLogger("mx.vllm").addHandler(got)
+    monkeypatch.setattr(logging.getLogger("mx.vllm"), "level", logging.INFO)
+    monkeypatch.setattr(mx_vllm, "_registered", False)
+    try:
+        mx_vllm.register()
+    finally:
+        logging.getLogger("mx.vllm").removeHandler(got)
+    return got.lines
+
+
+def test_where_nothing_else_holds_mx_both_mx_sidecar_and_the_mx_alias_are_ours(monkeypatch):
+    from vllm.model_executor import model_loader
+
+    monkeypatch.delitem(model_loader._LOAD_FORMAT_TO_MODEL_LOADER, "mx", raising=False)
+    lines = _register_fresh(monkeypatch)
+    registry = model_loader._LOAD_FORMAT_TO_MODEL_LOADER
+    assert registry["mx-sidecar"] is registry["mx"] is mx_vllm.loader_class()
+    assert any("mx-sidecar and mx (alias) registered" in line for line in lines)
+
+
+def test_an_mx_alias_held_by_another_project_is_left_to_it_and_the_log_says_to_use_mx_sidecar(monkeypatch):
+    from vllm.model_executor import model_loader
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+    class ModelExpressLoader(BaseModelLoader):  # stands for ModelExpress' registration of its `mx` alias
+        def download_model(self, model_config):  # type: ignore[no-untyped-def]
+            pass
+
+        def load_weights(self, model, model_config):  # type: ignore[no-untyped-def]
+            pass
+
+    monkeypatch.setitem(model_loader._LOAD_FORMAT_TO_MODEL_LOADER, "mx", ModelExpressLoader)
+    lines = _register_fresh(monkeypatch)
+    registry = model_loader._LOAD_FORMAT_TO_MODEL_LOADER
+    assert registry["mx"] is ModelExpressLoader
+    assert registry["mx-sidecar"] is mx_vllm.loader_class()
+    assert any("held by" in line and "ModelExpressLoader" in line and "--load-format mx-sidecar" in line
+               for line in lines)

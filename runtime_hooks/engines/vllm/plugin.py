@@ -40,7 +40,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mx.vllm")
 
-LOAD_FORMAT = "mx"
+LOAD_FORMAT = "mx-sidecar"  # a name no other project registers
+# Also ModelExpress' alias of `modelexpress`; vLLM lets the last registration win (with a warning), so `mx` is ours
+# only where nothing else holds it when we register, and the log says which.
+ALIAS = "mx"
 # Keys of --model-loader-extra-config that belong to us (the rest goes to vLLM's default loader).
 EXTRA_STORAGE_FORMAT = "storage_load_format"  # what "load from storage" means; default "auto"
 EXTRA_SIDECAR_TIMEOUT = "sidecar_timeout"  # seconds; default MX_SIDECAR_TIMEOUT
@@ -117,7 +120,8 @@ def outcome_for_rank(rank: int) -> str:
 # --------------------------------------------------------------------------------------------- plugin
 
 def register() -> None:
-    """vLLM general plugin: register load format `mx`. Safe to call many times and in every process.
+    """vLLM general plugin: register load format `mx-sidecar` (and `mx` where free). Safe to call many times and in
+    every process.
 
     A vLLM that lacks what registering needs gets one log line (version, what is missing) and no `mx` format."""
     global _registered
@@ -130,9 +134,18 @@ def register() -> None:
         log.warning("mx: %s; the mx load format is not registered (start vLLM without --load-format mx)",
                     vllm_compat.describe_missing(gone))
         return
-    from vllm.model_executor.model_loader import register_model_loader
+    from vllm.model_executor import model_loader
 
-    register_model_loader(LOAD_FORMAT)(loader_class())
+    cls = loader_class()
+    model_loader.register_model_loader(LOAD_FORMAT)(cls)
+    registry = getattr(model_loader, "_LOAD_FORMAT_TO_MODEL_LOADER", {})
+    holder = registry.get(ALIAS)
+    if holder is None or holder is cls:
+        model_loader.register_model_loader(ALIAS)(cls)
+        log.info("mx: load formats %s and %s (alias) registered", LOAD_FORMAT, ALIAS)
+    else:
+        log.warning("mx: load format %r is held by %s.%s (ModelExpress?), left to it: use --load-format %s",
+                    ALIAS, holder.__module__, holder.__qualname__, LOAD_FORMAT)
 
 
 def _route_logs_to_vllm() -> None:
@@ -175,8 +188,8 @@ def _build_loader_class(hooks: VllmHooks) -> type:
             self.hooks = hooks
             extra = dict(load_config.model_loader_extra_config or {})
             storage_format = str(extra.pop(EXTRA_STORAGE_FORMAT, "auto"))
-            if storage_format == LOAD_FORMAT:
-                raise ValueError(f"{EXTRA_STORAGE_FORMAT} cannot be {LOAD_FORMAT!r}")
+            if storage_format in (LOAD_FORMAT, ALIAS):
+                raise ValueError(f"{EXTRA_STORAGE_FORMAT} cannot be {storage_format!r}")
             timeout = extra.pop(EXTRA_SIDECAR_TIMEOUT, None)
             self.sidecar_timeout = float(timeout) if timeout is not None else None
             # What a source (or a fallback) runs: vLLM's own loader for that format (auto, safetensors, sharded_state,
