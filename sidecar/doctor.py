@@ -238,12 +238,17 @@ def check_rdma(root: str = "/sys/class/infiniband") -> Check:
     return Check("rdma", "ok", "devices: " + " ".join(devices))
 
 
-def _ipc_child(q: Any, done: Any) -> None:
-    """Runs in a spawned process: exports a CUDA tensor through CUDA IPC (torch.multiprocessing)."""
-    import torch
-
-    q.put(torch.full((1024,), 7.0, device="cuda"))
-    done.wait(60)
+# The exporting process: one CUDA allocation filled with 7.0, its IPC handle and offset as hex on stdout (no
+# pickle across the process boundary: torch.multiprocessing's queue would pickle), then it waits for stdin to close.
+_IPC_EXPORTER = """
+import sys, torch
+from sidecar.memory.cuda import driver
+t = torch.full((1024,), 7.0, device="cuda:0")
+torch.cuda.synchronize()
+base, _ = driver().address_range(t.data_ptr())
+print(driver().ipc_get(base).hex(), t.data_ptr() - base, flush=True)
+sys.stdin.read()
+"""
 
 
 def check_gpu() -> Check:
@@ -254,25 +259,31 @@ def check_gpu() -> Check:
     if not torch.cuda.is_available():
         return Check("gpu", "ok", "no GPU visible (CPU engine, or see README: GPUs for the sidecar)")
     names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    ctx = torch.multiprocessing.get_context("spawn")
-    q, done = ctx.Queue(), ctx.Event()
-    proc = ctx.Process(target=_ipc_child, args=(q, done), daemon=True)
-    proc.start()
+    fix = "shareProcessNamespace: true in the pod, and the engine's GPUs visible to the sidecar (README)"
+    child = subprocess.Popen([sys.executable, "-c", _IPC_EXPORTER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
     try:
-        t = q.get(timeout=120)
-        ok = float(t.sum().item()) == 7.0 * 1024
-        del t
-    except Exception as e:  # any failure of the IPC round trip is the finding
+        assert child.stdout is not None
+        handle_hex, offset = child.stdout.readline().split()
+        from sidecar.memory.cuda import driver
+
+        d = driver()
+        with d.on(0):
+            ptr = d.ipc_open(bytes.fromhex(handle_hex))
+            try:
+                got = d.read(ptr + int(offset), 4096)
+            finally:
+                d.ipc_close(ptr)
+    except Exception as e:  # any failure of the round trip is the finding, with the exporter's own error if any
+        child.kill()
+        err = (child.communicate(timeout=30)[1] or "").strip().splitlines()[-1:]
         return Check("gpu", "fail", f"{len(names)} GPU(s) ({names[0]}); CUDA IPC between processes failed: "
-                                    f"{type(e).__name__}: {e}",
-                     "shareProcessNamespace: true in the pod, and the engine's GPUs visible here")
+                                    f"{type(e).__name__}: {e} {' '.join(err)}", fix)
     finally:
-        done.set()
-        proc.join(30)
-        if proc.is_alive():
-            proc.kill()
-    if not ok:
-        return Check("gpu", "fail", "CUDA IPC between processes returned wrong bytes", "")
+        if child.poll() is None:
+            child.communicate("", timeout=30)
+    if got != torch.full((1024,), 7.0).numpy().tobytes():
+        return Check("gpu", "fail", "CUDA IPC between processes returned other bytes than were written", fix)
     return Check("gpu", "ok", f"{len(names)} GPU(s): {', '.join(sorted(set(names)))}; CUDA IPC between processes works")
 
 

@@ -108,6 +108,12 @@ if [ "$MODE" = vllm ] || [ "$MODE" = vllm-only ]; then
     tail -25 "$RAW/vllm_$kv.txt" | tee -a "$SUMMARY"
   done
 fi
+if [ "$MODE" = pod-life ]; then
+  echo "== the pod's life on a GPU: engine restart, fallback after a failed receive, doctor's CUDA IPC check" | tee -a "$SUMMARY"
+  timeout 500 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_gpu_pod_life.py 2>&1 | tail -40 | tee -a "$SUMMARY"
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+  cat "$OUT/gpu_fallback_memory.jsonl" 2>/dev/null | tee -a "$SUMMARY"
+fi
 if [ "$MODE" = check ] || [ "$MODE" = bench ] || [ "$MODE" = smoke ] || [ "$MODE" = vllm ] || [ "$MODE" = ttr-check ]; then
   echo "== GPU tests" | tee -a "$SUMMARY"
   timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu 2>&1 | tail -40 | tee -a "$SUMMARY"
