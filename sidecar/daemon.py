@@ -218,7 +218,8 @@ class Daemon:
                            "the engine stays blocked until a new sidecar takes over (fail closed)",
                            sorted(p.engine.unfenced))
             self._no_verdict = True
-            self._exit_code = self._exit_code or exit_code(FenceError("unfenced"))
+            fence = exit_code(FenceError("unfenced"))
+            self._exit_code = fence if self.lost is not None else (self._exit_code or fence)
         if p.engine.links and not self._released and not self._no_verdict and self.lost is None:
             # Stopped mid-way (SIGTERM, fatal error) with every READ fenced: whatever landed is void. The hook
             # goes back to waiting, so a restarted sidecar starts over and a dead one times out into storage.

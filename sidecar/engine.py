@@ -150,6 +150,8 @@ class EngineRanks:
         link = self.links[rank]
 
         def guard() -> str:
+            if link.restarted is not None:  # the memory we would write belonged to an engine that is gone
+                return str(link.restarted)
             r = link.last_reply
             if r is None:
                 return f"rank {rank}: state unknown"
