@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     # `kill -USR1 <pid>` prints every thread's stack to stderr: how a hung daemon tells where it hangs.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    faulthandler.enable()  # a crash in native code (NIXL, UCX, CUDA) leaves its Python stack in the log
     try:
         from sidecar.daemon import run_daemon
     except ImportError as e:  # the engine-side install has no Redis/NIXL/Prometheus client

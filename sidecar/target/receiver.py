@@ -106,8 +106,14 @@ class Receiver:
                           "same" if cand.same_node else "other", peer=peer)
             pulled = await self._pull_all(ranks, by_rank, metas)
             moved = [n for n, _ in pulled]
-            await asyncio.gather(*(verify_rank(rm, by_rank[r], v, self.log)
-                                   for (r, rm), (_, v) in zip(ranks.items(), pulled, strict=True)))
+            # Every rank's verification ends before we return, also when one fails: a sibling's checksum thread
+            # still reading the memory that a fallback then unmaps killed the sidecar (SIGSEGV, CI 2026-12-07).
+            verdicts = await asyncio.gather(*(verify_rank(rm, by_rank[r], v, self.log)
+                                              for (r, rm), (_, v) in zip(ranks.items(), pulled, strict=True)),
+                                            return_exceptions=True)
+            for v in verdicts:
+                if isinstance(v, BaseException):
+                    raise v
             self._received(sum(moved), time.monotonic() - t0, peer)
             # Every READ is fenced and verified: the engine re-derives its host-side numbers from these bytes.
             verify_derived(rec.ranks, await self.engine.replies("derive", self.cfg.load_timeout), self.log)
@@ -175,6 +181,9 @@ class Receiver:
             for t in tasks:
                 t.cancel()
             results = await asyncio.gather(*tasks, return_exceptions=True)
+            for r in results:
+                if isinstance(r, tuple):  # a sibling that finished: its checksum thread may still read our memory
+                    r[1].close()
             for r in results:
                 if isinstance(r, FenceError):
                     raise r from None

@@ -56,7 +56,10 @@ class StreamingVerifier:
             self.close()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        # Waits for the one checksum job that may be running (the queued ones are cancelled): a failed attempt's
+        # memory is now unmapped right after the receive (Publisher.release), and a job of another rank still
+        # reading it killed the target sidecar with SIGSEGV (CI, 2026-12-07). A job is one chunk's checksums.
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 async def verify_rank(rank: RankMemory, src: RankSource, verifier: StreamingVerifier, log: Ctx) -> None:

@@ -90,6 +90,7 @@ def _wait_for_signal() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: every thread's stack to stderr
+    faulthandler.enable()  # and a native crash's
     cfg = cli_config("mx-trtllm")
     if cfg is None:
         return 2
