@@ -484,7 +484,8 @@ def test_a_withdrawing_source_tells_its_reader_which_moves_on_at_once(replicas):
     # Slow READs (a failpoint) keep b mid-transfer; a long stall timeout shows that b does not wait one out.
     b = replicas("b", extra_env={"MX_STALL_TIMEOUT": "60", "MX_TEST_FAILPOINTS": "before_read=sleep:0.3",
                                  "MX_STAGING_SLOT_BYTES": "64KiB"})  # many chunks: seconds of transfer
-    b.sidecar.wait_for(r"pulling .* from", 30)
+    b.sidecar.wait_for(r"failpoint before_read", 30)  # Welcomed, READs under way (not only "pulling": a Hello
+    # that arrives after the withdrawal is refused instead, tested below)
     a.engine.signal(signal.SIGUSR1)  # an in-place weight update: a withdraws at its next ping
     withdrew = a.sidecar.wait_for(r"withdrawing as a source", 10)
     t0 = time.monotonic()
