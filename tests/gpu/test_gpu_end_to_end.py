@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-from sidecar.lab.embedded_redis import EmbeddedRedis  # noqa: E402
 from sidecar.lab.replica_procs import Replica  # noqa: E402
-from sidecar.lab.toy_engine import SMALL, make_checkpoint  # noqa: E402
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> Iterator[tuple[str, Path, Path]]:
-    ckpt = tmp_path / "ckpt"
-    make_checkpoint(ckpt, SMALL)
-    with EmbeddedRedis() as r:
-        yield r.url, ckpt, tmp_path
 
 
 def _devices() -> tuple[str, str]:

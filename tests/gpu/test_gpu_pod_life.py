@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,18 +18,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 from sidecar.lab.embedded_redis import EmbeddedRedis  # noqa: E402
 from sidecar.lab.fallback_memory import corrupt_one_checksum  # noqa: E402
 from sidecar.lab.replica_procs import Replica  # noqa: E402
-from sidecar.lab.toy_engine import SMALL, make_checkpoint  # noqa: E402
+from sidecar.lab.toy_engine import make_checkpoint  # noqa: E402
 
 FAST = {"MX_HEARTBEAT_INTERVAL": "0.5", "MX_SOURCE_TTL": "3", "MX_STALL_TIMEOUT": "30"}
 MEDIUM = {"hidden": 1024, "intermediate": 2816, "layers": 8, "vocab": 32000, "kv_heads_ratio": 1}
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> Iterator[tuple[str, Path, Path]]:
-    ckpt = tmp_path / "ckpt"
-    make_checkpoint(ckpt, SMALL)
-    with EmbeddedRedis() as r:
-        yield r.url, ckpt, tmp_path
 
 
 def test_doctor_reports_cuda_ipc_between_two_processes_as_ok_on_a_gpu_machine() -> None:
