@@ -78,7 +78,7 @@ def build(cfg: Config, carried: tuple[Metrics, HttpServer] | None = None) -> Par
     auth_failed = AuthFailures(metrics, model, log)
     coord = Coordinator(connect_redis(cfg), cfg.redis_prefix, replica_id, cfg.node_name, cfg.source_ttl,
                         cfg.max_message_bytes, cfg.max_metadata_bytes, keys,
-                        lambda who, why: auth_failed("redis", who, why))
+                        lambda who, why: auth_failed("redis", who, why), cfg.topology)
     server = SourceServer(cfg, "?", coord, metrics, keys)
     router = PeerRouter(server.on_message,  # type: ignore[arg-type]
                         lambda why: metrics.bad_messages.labels(engine.model, "nixl").inc(),

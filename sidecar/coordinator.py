@@ -20,6 +20,7 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from sidecar.choice import rank_sources
 from sidecar.contract.auth import AuthError, Keyring
 from sidecar.contract.codec import ProtocolError, decode, encode
 from sidecar.contract.messages import Sealed, SourceRecord
@@ -71,6 +72,14 @@ class Candidate:
     readers: int
     same_node: bool
 
+    @property
+    def replica(self) -> str:
+        return self.record.replica
+
+    @property
+    def topology(self) -> str:
+        return self.record.topology
+
 
 def _fresh(beat: bytes, now: float) -> bool:
     try:
@@ -97,13 +106,14 @@ def open_record(keys: Keyring, key: str, blob: bytes, max_bytes: int) -> SourceR
 class Coordinator:
     def __init__(self, client: aioredis.Redis, prefix: str, replica_id: str, node: str, source_ttl: float,
                  max_record_bytes: int, max_metadata_bytes: int, keys: Keyring,
-                 on_auth_fail: Callable[[str, str], None] = lambda who, reason: None) -> None:
+                 on_auth_fail: Callable[[str, str], None] = lambda who, reason: None, topology: str = "") -> None:
         self._r = client  # from sidecar.redis_client.connect(cfg): AUTH and TLS are set up there
         self._keys = keys
         self._on_auth_fail = on_auth_fail
         self._key_of = RedisKeys(prefix)
         self.replica_id = replica_id
         self._node = node
+        self._topology = topology
         self._ttl_ms = int(source_ttl * 1000)
         self._ttl_s = source_ttl
         self._max_record = max_record_bytes
@@ -194,7 +204,7 @@ class Coordinator:
         log.info("withdrew %s from the sources of %s", self.replica_id, fp[:12])
 
     async def live_sources(self, fp: str) -> list[Candidate]:
-        """Fresh sources, same node first, then least loaded. Stale members are pruned."""
+        """Fresh sources, best first (sidecar.choice: same node, topology, least loaded). Stale members are pruned."""
         members = await self._call("sources", self._r.eval(_MEMBERS_LUA, 1, self._key_of.sources(fp),
                                                            MAX_SOURCE_MEMBERS, MAX_REPLICA_ID_CHARS))
         out: list[Candidate] = []
@@ -221,8 +231,7 @@ class Coordinator:
             cand = self._candidate(self._key_of.record(fp, rid), fp, rid, blob, readers)
             if cand is not None:
                 out.append(cand)
-        out.sort(key=lambda c: (not c.same_node, c.readers, c.record.replica))
-        return out
+        return rank_sources(out, self._topology, self.replica_id)
 
     def _candidate(self, key: str, fp: str, rid: str, blob: bytes, readers: object) -> Candidate | None:
         """A source from its sealed record, or None (refused: counted and logged)."""
@@ -270,8 +279,7 @@ class Coordinator:
             cand = self._candidate(key, fp, rid, blob, readers)
             if cand is not None:
                 out.append(cand)
-        out.sort(key=lambda c: (not c.same_node, c.readers, c.record.replica))
-        return out
+        return rank_sources(out, self._topology, self.replica_id)
 
     async def _get3(self, fp: str, rid: str):  # type: ignore[no-untyped-def]
         pipe = self._r.pipeline(transaction=False)

@@ -33,6 +33,8 @@ from sidecar.explain import explain_no_match
 from sidecar.failpoints import FailpointError
 from sidecar.recovery import finish_partial_release, take_over_orphans, wait_for_loads
 from sidecar.roles import decide, renew_lease
+from sidecar.target.attempts import receive_from_any
+from sidecar.target.receiver import Result
 
 
 class Daemon:
@@ -120,20 +122,24 @@ class Daemon:
         refresh = p.sup.spawn("agent_refresh", p.agents.keep_published(p.coord, p.cfg.source_ttl / 3, self.log))
         ranks = await p.agents.import_ranks(manifests, p.publisher.ranks, p.engine.model, p.metrics, self.log)
         p.publisher.adopt(ranks)
-        try:
-            for cand in candidates[: p.cfg.max_source_attempts]:
-                received = await p.receiver.receive_from(cand, ranks)  # returns only with no READ in flight
+        async def attempt(cand: Candidate) -> Result:
+            try:
+                return await p.receiver.receive_from(cand, ranks)
+            finally:
                 p.receiver.release_peers()
-                if received:
-                    t1 = time.monotonic()
-                    await p.engine.all("weights_ready", p.cfg.load_timeout)
-                    self.log.info("phase=release %.2fs: engine continues on verified weights", time.monotonic() - t1)
-                    self._release_noted()
-                    await p.publisher.become_source(manifests, verified=True)
-                    return
+
+        try:
+            received = await receive_from_any(p.cfg, p.coord, p.engine.fp, self.log, candidates, attempt)
         finally:
             refresh.cancel()
             p.receiver.release_peers()
+        if received:
+            t1 = time.monotonic()
+            await p.engine.all("weights_ready", p.cfg.load_timeout)
+            self.log.info("phase=release %.2fs: engine continues on verified weights", time.monotonic() - t1)
+            self._release_noted()
+            await p.publisher.become_source(manifests, verified=True)
+            return
         self.log.warning("no source delivered; falling back to storage")
         p.metrics.transfers.labels(p.engine.model, "target", "fell_back_to_storage").inc()
         t1 = time.monotonic()

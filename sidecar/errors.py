@@ -49,6 +49,10 @@ class SourceFailed(RuntimeError):
     """The source refused, went silent or ended the session. Next source."""
 
 
+class SourceBusy(SourceFailed):
+    """The source's staging pass is full (MX_FANOUT_READERS): no byte moved; wait for a place or another source."""
+
+
 class VerifyError(RuntimeError):
     """Received bytes do not match the source's checksums. Next source (this session's bytes are void)."""
 

@@ -121,6 +121,23 @@ def _slot_count(raw: str) -> int:
     return v
 
 
+def _fanout(raw: str) -> int:
+    v = _positive_int(raw)
+    if v > 64:
+        raise ValueError("must be 1-64 (a source holds at most 64 reader sessions)")
+    return v
+
+
+def _topology(raw: str) -> str:
+    v = raw.strip().strip("/")
+    parts = v.split("/")
+    if len(v) > 200 or any(not p or not p.replace("-", "").replace("_", "").replace(".", "").isalnum()
+                           for p in parts):
+        raise ValueError("must be `/`-separated labels of letters, digits, '-', '_' or '.' (at most 200 "
+                         "characters), outermost first, e.g. zone-a/rack-7/nvl-2")
+    return v
+
+
 def _choice(*options: str) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         v = raw.strip().lower()
@@ -264,6 +281,15 @@ class Settings:
         "Seconds for one rank's whole transfer from one source.")
     stall_timeout: float = setting("MX_STALL_TIMEOUT", 30.0, _positive_seconds,
         "Seconds without progress before a transfer is abandoned (a wedged link reports nothing).")
+    straggler_timeout: float = setting("MX_STRAGGLER_TIMEOUT", 10.0, _positive_seconds,
+        "Seconds one reader may hold the other readers of a staging pass back before the source drops it (it "
+        "tries another source); capped at MX_STALL_TIMEOUT.")
+    fanout_readers: int = setting("MX_FANOUT_READERS", 8, _fanout,
+        "Readers one staging pass of a rank feeds at once (1-64); a reader beyond is told the source is busy and "
+        "waits for a place or another source (a finished target is one) instead of loading from storage.")
+    topology: str = setting("MX_TOPOLOGY", "", _topology,
+        "Where this replica sits, outermost first, `/`-separated (e.g. `zone-a/rack-7/nvl-2`; from the downward "
+        "API): after the same node, targets prefer the source sharing the longest prefix, then the least loaded.")
     max_source_attempts: int = setting("MX_MAX_SOURCE_ATTEMPTS", 3, _positive_int,
         "Sources a target tries before it loads from storage.")
     max_message_bytes: int = setting("MX_MAX_MESSAGE_BYTES", 64 << 20, _bytes,

@@ -84,7 +84,7 @@ async def _wait_for_source(cfg: Config, model: str, timeout: float, mem_types: s
     reported: set[str] = set()
     coord = Coordinator(connect_redis(cfg), cfg.redis_prefix, f"files-reader-{os.getpid()}", cfg.node_name,
                         cfg.source_ttl, cfg.max_message_bytes, cfg.max_metadata_bytes, keys,
-                        lambda who, why: refused.append(f"{who} ({why})"))
+                        lambda who, why: refused.append(f"{who} ({why})"), cfg.topology)
     log.info("Querying for source model: %s", model)
     t0 = time.monotonic()
     next_note = t0 + 10

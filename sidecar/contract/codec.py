@@ -18,8 +18,10 @@ from typing import Any, TypeVar, overload
 
 import msgspec
 
-PROTOCOL_VERSION = 3  # 2: sessions on engine commands, MACs on peer messages, sealed Redis records;
-#                      3: `derive` and derived state beside the tensors (a release needs the source's numbers)
+PROTOCOL_VERSION = 4  # 2: sessions on engine commands, MACs on peer messages, sealed Redis records;
+#                      3: `derive` and derived state beside the tensors (a release needs the source's numbers);
+#                      4: staged passes are carousels (the first Ready may name any chunk, then wraps round),
+#                         "busy:" refusals, a record's topology
 # Bounds that hold whatever the config says: a manifest of 100k tensors is ~10 MiB of msgpack.
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 # Control messages between sidecars ride NIXL notifications: tiny, bounded, versioned.

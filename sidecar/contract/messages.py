@@ -274,6 +274,7 @@ class SourceRecord(msgspec.Struct, frozen=True):
     published_at: float = 0.0  # wall clock of the publication (inside the seal: a replay shows its age)
     # rank 0's fingerprint description (Manifest.identity): why another replica of the model does not match
     identity: Annotated[dict[_Short, _Name], msgspec.Meta(max_length=MAX_IDENTITY_FIELDS)] = {}
+    topology: Annotated[str, msgspec.Meta(max_length=200)] = ""  # MX_TOPOLOGY: only orders a target's choice
 
 
 class Sealed(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

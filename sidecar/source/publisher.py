@@ -26,7 +26,7 @@ from sidecar.logs import Ctx
 from sidecar.memory.rank_memory import RankMemory
 from sidecar.metrics import Metrics
 from sidecar.source.mode_probe import ModeChooser
-from sidecar.source.ring import StagingRing
+from sidecar.source.ring import Carousel, StagingRing
 from sidecar.source.server import SourceServer
 from sidecar.source.watch import EngineWatch
 
@@ -101,7 +101,8 @@ class Publisher:
                        entry_addrs=list(rm.entry_addrs) if self._mode(rm) == "direct" else [],
                        derived=dict(derived.get(rm.rank, {})))
             for rm in self.ranks.values()], published_at=time.time(),
-            identity=dict(self._ranks[min(self._ranks)].manifest.identity) if self._ranks else {})
+            identity=dict(self._ranks[min(self._ranks)].manifest.identity) if self._ranks else {},
+            topology=self.cfg.topology)
         self.server.serve(self.ranks)
         self.withdrawn = ""
         if self._watch not in self.engine.observers:
@@ -125,6 +126,9 @@ class Publisher:
         await self._modes.probe(rm, f"{self.replica_id}-probe{rm.device_id}", self.log)
         if self._mode(rm) == "staged":
             assert rm.ring is not None
+            rm.ring.carousel = Carousel(rm.ring, rm.rank, list(rm.manifest.tensors), rm.entry_addrs,
+                                        max_readers=self.cfg.fanout_readers, stall_timeout=self.cfg.stall_timeout,
+                                        straggler_timeout=min(self.cfg.straggler_timeout, self.cfg.stall_timeout))
             self.metrics.registered_bytes.labels(self.engine.model, "staging").inc(rm.ring.nbytes)
             rm.unregister_engine()
             self.metrics.registered_bytes.labels(self.engine.model, "engine").set(0)

@@ -80,7 +80,7 @@ class SourceServer:
         if sess is None:
             return
         if isinstance(msg, Done):
-            sess.done.put_nowait(msg.chunk)
+            sess.on_done(msg.chunk)
         else:
             sess.bye.set()
 

@@ -1,8 +1,8 @@
 """Reader sessions on the source: one per (reader, Hello), from Welcome to the end of the reader's READs.
 
 A session looks up the reader's agent metadata in Redis (bounded size), checks the layout digest, answers
-Welcome, and then either (direct) stays attentive while the reader READs engine memory, or (staged) runs
-the staging ring's pass for this reader (sidecar.source.ring).
+Welcome, and then either (direct) stays attentive while the reader READs engine memory, or (staged) joins the
+reader to the rank's staging pass, which feeds every reader in it at once (sidecar.source.ring: Carousel).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from sidecar.coordinator import Coordinator
 from sidecar.errors import CoordinatorUnavailable
 from sidecar.memory.rank_memory import RankMemory
 from sidecar.metrics import Metrics
+from sidecar.source.ring import Straggler
 from sidecar.transport import Transport
 
 log = logging.getLogger("mx.serving")
@@ -28,11 +29,15 @@ log = logging.getLogger("mx.serving")
 Send = Callable[[Transport, str, Welcome | Ready | Bye], None]
 
 
+def _ignore(chunk: int) -> None:
+    """A Done before the reader joined a pass (or in direct mode) moves nothing."""
+
+
 @dataclass
 class ReaderSession:
     hello: Hello
     peer: str
-    done: asyncio.Queue[int] = field(default_factory=asyncio.Queue)
+    on_done: Callable[[int], None] = _ignore  # the reader's READ of a chunk completed (its Done notification)
     bye: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -60,6 +65,10 @@ class ReaderGone(RuntimeError):
     pass
 
 
+class PassFull(ProtocolError):
+    """The rank's staging pass has MX_FANOUT_READERS readers: the reader is refused at once and looks elsewhere."""
+
+
 async def _until_bye(s: ReaderSession, coord: Coordinator, cfg: Config) -> None:
     """A direct session ends with the reader's Bye, within MX_TRANSFER_TIMEOUT. The reader READs without telling
     us, so its liveness is its agent metadata, which it refreshes in Redis while it receives (TTL MX_SOURCE_TTL):
@@ -81,6 +90,39 @@ async def _until_bye(s: ReaderSession, coord: Coordinator, cfg: Config) -> None:
         if not alive:
             raise ReaderGone(f"reader {s.hello.reader} no longer refreshes its metadata (gone for "
                              f"{cfg.source_ttl:.0f}s or more)")
+
+
+async def _in_pass(s: ReaderSession, rank: RankMemory, transport: Transport, send: Send) -> None:
+    """Staged: the reader joins the rank's pass (Welcome first, then one Ready per chunk, wrapping round from
+    wherever the pass is) until it READ every chunk, left, or was dropped."""
+    ring = rank.ring
+    assert ring is not None and ring.carousel is not None
+    carousel, key = ring.carousel, (s.peer, s.hello.session)
+
+    def announce(chunk: int, slot: int) -> None:
+        send(transport, s.peer, Ready(PROTOCOL_VERSION, s.hello.session, chunk, slot))
+
+    with transport.busy():
+        finished = carousel.join(key, announce)
+        if finished is None:
+            raise PassFull(f"{carousel.readers} readers already in rank {rank.rank}'s pass")
+        # No await between the join and this send: the pass announces its first slot only after the Welcome.
+        send(transport, s.peer, Welcome(PROTOCOL_VERSION, s.hello.session, True))
+        s.on_done = lambda chunk: carousel.done(key, chunk)
+        async def bye() -> None:
+            await s.bye.wait()
+
+        left = asyncio.ensure_future(bye())
+        try:
+            await asyncio.wait([finished, left], return_when=asyncio.FIRST_COMPLETED)
+            if not finished.done():
+                raise ReaderGone("reader left mid-transfer (Bye)")
+            finished.result()
+        finally:
+            left.cancel()
+            carousel.leave(key)
+            if not finished.done():
+                finished.cancel()
 
 
 async def serve_reader(s: ReaderSession, rank: RankMemory | None, *, cfg: Config, model: str,
@@ -111,16 +153,7 @@ async def serve_reader(s: ReaderSession, rank: RankMemory | None, *, cfg: Config
             send(transport, s.peer, Welcome(PROTOCOL_VERSION, s.hello.session, True))
             await _until_bye(s, coord, cfg)
         else:
-            ring, tx = rank.ring, transport
-
-            def announce(chunk: int, slot: int) -> None:
-                send(tx, s.peer, Ready(PROTOCOL_VERSION, s.hello.session, chunk, slot))
-
-            with transport.busy():
-                async with ring.lock:
-                    send(transport, s.peer, Welcome(PROTOCOL_VERSION, s.hello.session, True))
-                    await ring.run_pass(rank.rank, rank.manifest.tensors, rank.entry_addrs, s.done, s.bye,
-                                        announce, cfg.stall_timeout)
+            await _in_pass(s, rank, transport, send)
         log.info("[model=%s role=source rank=%d peer=%s] served a reader", model, rank.rank, s.peer)
     except asyncio.CancelledError:
         result = "withdrawn"
@@ -128,11 +161,23 @@ async def serve_reader(s: ReaderSession, rank: RankMemory | None, *, cfg: Config
             with contextlib.suppress(Exception):
                 send(transport, s.peer, Bye(PROTOCOL_VERSION, s.hello.session, False))
         raise
+    except PassFull as e:
+        result = "busy"
+        log.info("[model=%s role=source peer=%s] %s", model, s.peer, e)
+        if transport is not None and peer_name == s.peer:
+            send(transport, s.peer, Welcome(PROTOCOL_VERSION, s.hello.session, False, f"busy: {e}"))
     except (ProtocolError, CoordinatorUnavailable) as e:
         result = "refused"
         log.warning("[model=%s role=source peer=%s] refused reader: %s", model, s.peer, e)
         if transport is not None and peer_name == s.peer:
             send(transport, s.peer, Welcome(PROTOCOL_VERSION, s.hello.session, False, str(e)))
+    except Straggler:
+        result = "straggler"
+        log.warning("[model=%s role=source peer=%s] reader held the others of its pass back for %.0fs; dropped",
+                    model, s.peer, min(cfg.straggler_timeout, cfg.stall_timeout))
+        if transport is not None and peer_name == s.peer:  # it falls to another source now, not after a stall
+            with contextlib.suppress(Exception):
+                send(transport, s.peer, Bye(PROTOCOL_VERSION, s.hello.session, False))
     except ReaderGone as e:
         result = "reader_gone"
         log.warning("[model=%s role=source peer=%s] %s; session dropped", model, s.peer, e)

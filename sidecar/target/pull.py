@@ -21,7 +21,7 @@ from sidecar.config import Config
 from sidecar.contract.auth import Keyring
 from sidecar.contract.codec import PROTOCOL_VERSION, encode
 from sidecar.contract.messages import Bye, Done, Hello, RankSource, Ready, Welcome
-from sidecar.errors import FenceError, PlanError, SourceFailed, TransferError, VerifyError
+from sidecar.errors import FenceError, PlanError, SourceBusy, SourceFailed, TransferError, VerifyError
 from sidecar.failpoints import Failpoints
 from sidecar.inflight import Guard, Inflight
 from sidecar.logs import Ctx
@@ -74,6 +74,8 @@ async def pull_rank(
             tr.send(peer, encode(keys.sign_msg("peer", Hello(PROTOCOL_VERSION, session, rank.rank, tr.name,
                                                              rank.manifest.layout_digest, time.time()))))
             welcome = await _next(inbox, cfg.stall_timeout, "Welcome")
+            if isinstance(welcome, Welcome) and not welcome.ok and welcome.error.startswith("busy:"):
+                raise SourceBusy(f"source busy ({welcome.error[5:].strip()})")
             if not isinstance(welcome, Welcome) or not welcome.ok:
                 raise SourceFailed(f"source refused: {getattr(welcome, 'error', welcome)}")
             deadline = t0 + cfg.transfer_timeout
@@ -206,11 +208,17 @@ async def _direct(cfg: Config, reads: Inflight, plan: Plan, inbox: asyncio.Queue
 async def _staged(cfg: Config, reads: Inflight, session: str, src: RankSource, plan: Plan,
                   inbox: asyncio.Queue[Welcome | Ready | Bye], progress: _Progress, deadline: float,
                   keys: Keyring) -> int:
-    """READ each chunk from the slot the source announced it in; the READ's notification frees the slot."""
-    expected = 0
+    """READ each chunk from the slot the source announced it in; the READ's notification frees the slot.
+
+    The source's pass may be under way when we join (a carousel, sidecar.source.carousel): the first Ready names
+    where we start, and the chunks come in order from there, wrapping round to the ones before it."""
+    n = len(plan.chunks)
+    start: int | None = None
+    got = 0
 
     async def feed() -> bool:
-        nonlocal expected
+        nonlocal start, got
+        expected = "any" if start is None else (start + got) % n
         if reads.reads:
             msg = None if inbox.empty() else inbox.get_nowait()
         else:  # nothing to drive: sleep until the source announces the next slot
@@ -218,16 +226,19 @@ async def _staged(cfg: Config, reads: Inflight, session: str, src: RankSource, p
         if msg is None:
             return False
         msg = _unless_bye(msg)
-        if not isinstance(msg, Ready) or msg.chunk != expected or not (0 <= msg.slot < len(src.slots)):
+        if (not isinstance(msg, Ready) or not (0 <= msg.slot < len(src.slots)) or not 0 <= msg.chunk < n
+                or (start is not None and msg.chunk != expected)):
             raise SourceFailed(f"unexpected message from the source: {msg}")
-        local, remote = plan.descriptors(expected, src.slots[msg.slot][0])
-        done = encode(keys.sign_msg("peer", Done(PROTOCOL_VERSION, session, expected)))
+        if start is None:
+            start = msg.chunk
+        local, remote = plan.descriptors(msg.chunk, src.slots[msg.slot][0])
+        done = encode(keys.sign_msg("peer", Done(PROTOCOL_VERSION, session, msg.chunk)))
         progress.started()
-        await reads.post(plan.chunks[expected], local, remote, done)
-        expected += 1
+        await reads.post(plan.chunks[msg.chunk], local, remote, done)
+        got += 1
         return True
 
-    await reads.drive(feed, lambda: expected < len(plan.chunks), cfg.stall_timeout, deadline)
+    await reads.drive(feed, lambda: got < n, cfg.stall_timeout, deadline)
     return progress.done
 
 

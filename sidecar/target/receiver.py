@@ -21,6 +21,7 @@ from sidecar.errors import (
     FatalError,
     FenceError,
     PlanError,
+    SourceBusy,
     SourceFailed,
     Superseded,
     TransferError,
@@ -36,7 +37,7 @@ from sidecar.target.verify import StreamingVerifier, verify_derived, verify_rank
 from sidecar.transport import Transport
 
 Result = Literal["ok", "verify_failed", "derived_mismatch", "refused_layout", "refused_auth", "source_failed",
-                 "redis_down", "error"]
+                 "busy", "redis_down", "error"]
 
 
 @dataclass
@@ -83,8 +84,9 @@ class Receiver:
             tr.remove_peer(name)
         self._metas.clear()
 
-    async def receive_from(self, cand: Candidate, ranks: dict[int, RankMemory]) -> bool:
-        """True: every rank holds the source's bytes, verified. False: this source failed; nothing is in flight.
+    async def receive_from(self, cand: Candidate, ranks: dict[int, RankMemory]) -> Result:
+        """"ok": every rank holds the source's bytes, verified. Else why this source failed ("busy": its staging pass
+        was full, no byte moved); nothing is in flight.
 
         Raises FenceError (READs may still land: the caller must exit without a verdict) and Superseded (a rank is
         no longer ours to write)."""
@@ -117,7 +119,7 @@ class Receiver:
             self._received(sum(moved), time.monotonic() - t0, peer)
             # Every READ is fenced and verified: the engine re-derives its host-side numbers from these bytes.
             verify_derived(rec.ranks, await self.engine.replies("derive", self.cfg.load_timeout), self.log)
-            return True
+            return "ok"
         except (FenceError, Superseded, FatalError):  # FatalError: the engine failed (derive) or refused us
             result = "error"
             raise
@@ -133,6 +135,9 @@ class Receiver:
         except (PlanError, ProtocolError) as e:
             result = "refused_layout"
             self.log.warning("source refused before any byte moved: %s", e, peer=peer)
+        except SourceBusy as e:
+            result = "busy"
+            self.log.info("%s; waiting for a place or another source", e, peer=peer)
         except SourceFailed as e:
             result = "source_failed"
             self.log.warning("source failed: %s", e, peer=peer)
@@ -148,7 +153,7 @@ class Receiver:
             if counted:
                 with contextlib.suppress(CoordinatorUnavailable):
                     await self.coord.reader_delta(self.engine.fp, peer, -1)
-        return False
+        return result
 
     def _received(self, moved: int, dt: float, peer: str) -> None:
         model = self.engine.model
