@@ -24,6 +24,7 @@ class Proc:
     def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path) -> None:
         self.name = name
         self.lines: list[str] = []
+        self.times: list[float] = []  # time.monotonic() when each line arrived
         self._cv = threading.Condition()
         self.log_path = log_dir / f"{name}.log"
         self._log = self.log_path.open("w")
@@ -37,6 +38,7 @@ class Proc:
             self._log.write(line)
             self._log.flush()
             with self._cv:
+                self.times.append(time.monotonic())
                 self.lines.append(line.rstrip("\n"))
                 self._cv.notify_all()
         with self._cv:
@@ -60,6 +62,13 @@ class Proc:
                     raise TimeoutError(f"{self.name}: no line matching {pattern!r} in {timeout:.0f}s; "
                                        f"exit={self.p.poll()}\n{tail}")
                 self._cv.wait(remaining)
+
+    def time_of(self, pattern: str, timeout: float) -> float:
+        """When (time.monotonic()) the first line matching `pattern` arrived; waits for it like wait_for."""
+        self.wait_for(pattern, timeout)
+        rx = re.compile(pattern)
+        with self._cv:
+            return next(t for line, t in zip(self.lines, self.times, strict=True) if rx.search(line))
 
     def wait(self, timeout: float) -> int:
         """The exit status; past `timeout`, first asks the process for its threads' stacks (SIGUSR1, which the

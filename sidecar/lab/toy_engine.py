@@ -133,9 +133,12 @@ class ToyAdapter(TorchModuleAdapter):
         self.prepared += 1
 
     load_delay = 0.0  # seconds a storage load takes on top of the read (a slow bucket, for tests)
+    load_gate = ""  # a storage load waits for this file to exist (benchmarks: targets lined up first)
 
     def load_from_storage(self) -> None:
         time.sleep(self.load_delay)
+        while self.load_gate and not os.path.exists(self.load_gate):
+            time.sleep(0.05)
         tensors = self.discover_tensors()
         derived = {k: tensors.pop(k) for k in ("model.rotary_emb.inv_freq", "model.empty_scales")}
         TorchModuleAdapter(tensors, self.identity(), self._dir).load_from_storage()
@@ -165,6 +168,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-digests", action="store_true", help="skip the per-tensor digests (large GPU models)")
     p.add_argument("--prepare-delay", type=float, default=0.0, help="seconds of (simulated) post-processing")
     p.add_argument("--load-delay", type=float, default=0.0, help="seconds added to each storage load")
+    p.add_argument("--load-gate", default="", help="a storage load waits until this file exists")
     p.add_argument("--stale-derived", action="store_true",
                    help="a target keeps its dummy-derived number after the receive (a fault for tests)")
     p.add_argument("--prepare-realloc", type=int, default=0,
@@ -211,6 +215,7 @@ class _ToyEngine:
         ident = ModelIdentity(args.model_id, args.revision, self.dtype_name, rank, args.tp)
         adapter = ToyAdapter(tensors, ident, args.checkpoint)
         adapter.prepare_delay, adapter.load_delay = args.prepare_delay, args.load_delay
+        adapter.load_gate = args.load_gate
         adapter.prepare_realloc = args.prepare_realloc
         adapter.stale_derived = args.stale_derived
         adapter.rebuild_on_retry = args.rebuild_on_retry
