@@ -15,9 +15,10 @@ from sidecar.lab.embedded_redis import EmbeddedRedis
 from sidecar.lab.toy_engine import SMALL, make_checkpoint
 from tests.faults import SCENARIOS as FAULTS
 from tests.faults import Lab, Outcome, dump, stampede, summarize, table
+from tests.faults_fanout import FANOUT
 from tests.faults_pod_life import POD_LIFE
 
-SCENARIOS = {**FAULTS, **POD_LIFE}
+SCENARIOS = {**FAULTS, **POD_LIFE, **FANOUT}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,8 @@ EXPECTED = {  # what may happen, besides "never wrong"
     "engine_restart_serving": {"fell_back"},  # the new engine loads (it seeds again), then a target receives
     "sidecar_restart_loading": {"fell_back"},
     "direct_reader_killed": {"received"},
+    "late_joiner": {"received"},
+    "two_sources_burst": {"received"},
 }
 
 

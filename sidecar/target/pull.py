@@ -81,7 +81,8 @@ async def pull_rank(
             deadline = t0 + cfg.transfer_timeout
             plan = _plan(cfg, rank, src)  # every READ computed and bounds-checked before the first is posted
             if src.mode == "staged":
-                moved = await _staged(cfg, reads, session, src, plan, inbox, progress, deadline, keys)
+                moved = await _staged(cfg, reads, session, src, plan, inbox, progress, deadline, keys, log,
+                                      rank.rank)
             else:
                 moved = await _direct(cfg, reads, plan, inbox, progress, deadline)
         ok = True
@@ -207,7 +208,7 @@ async def _direct(cfg: Config, reads: Inflight, plan: Plan, inbox: asyncio.Queue
 
 async def _staged(cfg: Config, reads: Inflight, session: str, src: RankSource, plan: Plan,
                   inbox: asyncio.Queue[Welcome | Ready | Bye], progress: _Progress, deadline: float,
-                  keys: Keyring) -> int:
+                  keys: Keyring, log: Ctx, rank: int) -> int:
     """READ each chunk from the slot the source announced it in; the READ's notification frees the slot.
 
     The source's pass may be under way when we join (a carousel, sidecar.source.carousel): the first Ready names
@@ -231,6 +232,7 @@ async def _staged(cfg: Config, reads: Inflight, session: str, src: RankSource, p
             raise SourceFailed(f"unexpected message from the source: {msg}")
         if start is None:
             start = msg.chunk
+            log.info("joined the source's pass at chunk %d of %d", start, n, rank=rank)
         local, remote = plan.descriptors(msg.chunk, src.slots[msg.slot][0])
         done = encode(keys.sign_msg("peer", Done(PROTOCOL_VERSION, session, msg.chunk)))
         progress.started()
