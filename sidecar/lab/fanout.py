@@ -45,23 +45,25 @@ class Burst:
     identical: bool
     outcomes: list[str]
     moved_bytes: int
+    pass_lines: list[str]  # the source's "staging pass" log lines: fills, readers, copy rate
 
 
 def burst(work: Path, redis_url: str, ckpt: Path, n: int, mode: str, variant: str, read_delay: float,
-          timeout: float = 180.0) -> Burst:
+          timeout: float = 180.0, devices: str = "cpu", extra_env: dict[str, str] | None = None) -> Burst:
     env = {**BASE_ENV, **(STAGED if mode == "staged" else DIRECT), "MX_FANOUT_READERS": VARIANTS[variant],
-           "MX_REDIS_PREFIX": f"fan-{mode}-{variant}-{n}-{time.monotonic_ns()}"}
-    slow = {**env, "MX_TEST_FAILPOINTS": f"before_read=sleep:{read_delay}"}
+           "MX_REDIS_PREFIX": f"fan-{mode}-{variant}-{n}-{time.monotonic_ns()}", **(extra_env or {})}
+    slow = {**env, "MX_TEST_FAILPOINTS": f"before_read=sleep:{read_delay}"} if read_delay > 0 else env
     made: list[Replica] = []
     work = work / f"{mode}-{variant}-{n}"
     work.mkdir()
     try:
         gate = work / "go"
-        src = Replica("src", ckpt, redis_url, work, extra_env=env, engine_args=["--load-gate", str(gate)])
+        src = Replica("src", ckpt, redis_url, work, extra_env=env, engine_args=["--load-gate", str(gate)],
+                      devices=devices)
         made.append(src)
         assert src.sidecar is not None
         src.sidecar.wait_for(r"phase=role .*: seed", 60)
-        targets = [Replica(f"t{i}", ckpt, redis_url, work, extra_env=slow) for i in range(n)]
+        targets = [Replica(f"t{i}", ckpt, redis_url, work, extra_env=slow, devices=devices) for i in range(n)]
         made += targets
         for t in targets:
             assert t.sidecar is not None
@@ -76,7 +78,8 @@ def burst(work: Path, redis_url: str, ckpt: Path, n: int, mode: str, variant: st
         identical = all(r[k]["digests"] == res_src[k]["digests"] for r in results for k in res_src)
         loads = 1 + sum(o != "received" for o in outcomes)
         moved = sum(int(r[k]["bytes"]) for r, o in zip(results, outcomes, strict=True) if o == "received" for k in r)
-        return Burst(mode, variant, n, max(ready) - t_pub, loads, identical, outcomes, moved)
+        passes = [line.split("] ", 1)[-1] for line in src.sidecar.lines if "staging pass of" in line]
+        return Burst(mode, variant, n, max(ready) - t_pub, loads, identical, outcomes, moved, passes)
     finally:
         for r in reversed(made):
             r.stop()

@@ -73,6 +73,8 @@ class Carousel:
         self._task: asyncio.Task[None] | None = None
         self._blocked: tuple[int, float] | None = None  # (position, since when) the pass waits to refill
         self.fills = 0  # slot fills since the ring was made (one per position, whatever the readers)
+        self.fill_bytes = 0
+        self.fill_s = 0.0  # time in the staging copies: their rate is the ring's copy rate
 
     @property
     def readers(self) -> int:
@@ -119,23 +121,31 @@ class Carousel:
         self._changed.set()
 
     async def _run(self) -> None:
-        t0, fills0 = time.monotonic(), self.fills
+        t0, fills0, bytes0, copy0 = time.monotonic(), self.fills, self.fill_bytes, self.fill_s
+        readers: set[Hashable] = set()
         try:
             while not self.schedule.idle():
                 fill = self.schedule.next_fill()
                 if fill is None:
                     await self._wait_for_readers()
                     continue
+                t1 = time.monotonic()
                 await self._ring.fill(self._chunks[fill.chunk], fill.slot, self._addrs)
+                self.fill_s += time.monotonic() - t1
                 self.fills += 1
-                for key in self.schedule.filled(fill):
+                self.fill_bytes += self._chunks[fill.chunk].nbytes
+                announced = self.schedule.filled(fill)
+                readers.update(announced)
+                for key in announced:
                     self._announce[key](fill.chunk, fill.slot)
         except Exception as e:  # a failed copy (or announce): every reader in the pass ends with it
             log.warning("rank %d: the staging pass failed: %s", self._rank, e)
             for key in list(self._finished):
                 self._end(key, e)
-        log.debug("rank %d: carousel filled %d slots in %.2fs", self._rank, self.fills - fills0,
-                  time.monotonic() - t0)
+        copied, copy_s = self.fill_bytes - bytes0, self.fill_s - copy0
+        log.info("rank %d: staging pass of %d fills (%.3f GB) for %d readers in %.2fs, copies at %.1f GB/s",
+                 self._rank, self.fills - fills0, copied / 1e9, len(readers), time.monotonic() - t0,
+                 copied / 1e9 / max(copy_s, 1e-9))
 
     async def _wait_for_readers(self) -> None:
         """Until a Done, a join or a leave; a straggler that holds others back gets MX_STRAGGLER_TIMEOUT, a reader

@@ -20,6 +20,8 @@
 #                                            #   `git archive <commit> sidecar runtime_hooks` of the "before")
 #   bash tests/gpu/run_device.sh ttr-check   # ttr + the GPU tests
 #   bash tests/gpu/run_device.sh take        # only move the carried part(s) aside (a call that carries one part)
+#   bash tests/gpu/run_device.sh pod-life    # engine restart, fallback memory, doctor's CUDA IPC check
+#   bash tests/gpu/run_device.sh fanout      # a burst of four targets on one staging pass (one GPU)
 #
 # What the machine lacks comes as .whl/*.whl (tests/gpu/fetch_wheels.sh) or, with vLLM, as parts of one tar.xz
 # (fetch_wheels.sh pack): each call carries one folder $MX_CARRY/pN (default .gpu-carry); every mode first moves the
@@ -107,6 +109,12 @@ if [ "$MODE" = vllm ] || [ "$MODE" = vllm-only ]; then
     timeout 300 python3 tests/gpu/vllm_gpu_check.py --kv-cache-dtype "$kv" > "$RAW/vllm_$kv.txt" 2>&1 || rc=1
     tail -25 "$RAW/vllm_$kv.txt" | tee -a "$SUMMARY"
   done
+fi
+if [ "$MODE" = fanout ]; then
+  echo "== a burst on one GPU: four targets read one staging pass through CUDA IPC" | tee -a "$SUMMARY"
+  timeout 500 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_gpu_fanout.py 2>&1 | tail -40 | tee -a "$SUMMARY"
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+  cat "$OUT/gpu_fanout.json" 2>/dev/null | tee -a "$SUMMARY"
 fi
 if [ "$MODE" = pod-life ]; then
   echo "== the pod's life on a GPU: engine restart, fallback after a failed receive, doctor's CUDA IPC check" | tee -a "$SUMMARY"
