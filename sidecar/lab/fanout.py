@@ -2,8 +2,8 @@
 
 One source seeds (its storage load held until every target started); N targets start meanwhile and wait for it in
 Redis; the moment it publishes they all receive at once. Measured: from the source's publication to the last target's
-release (engine continues on verified weights), the storage reads (engines that loaded instead of receiving), and whether
-every target holds the source's bytes. Each READ of a target is delayed (failpoint `before_read=sleep:S`): on this
+release (engine continues on verified weights), the storage reads (engines that loaded instead of receiving), and
+whether every target holds the source's bytes. Each READ of a target is delayed (failpoint `before_read=sleep:S`): on this
 machine every process shares 2 cores and the same DRAM, so without it a transfer is a few ms and the burst measures
 process start-up; the delay stands for each target's own link, the case where the schedule decides.
 
