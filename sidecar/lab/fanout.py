@@ -3,9 +3,9 @@
 One source seeds (its storage load held until every target started); N targets start meanwhile and wait for it in
 Redis; the moment it publishes they all receive at once. Measured: from the source's publication to the last target's
 release (engine continues on verified weights), the storage reads (engines that loaded instead of receiving), and
-whether every target holds the source's bytes. Each READ of a target is delayed (failpoint `before_read=sleep:S`): on this
-machine every process shares 2 cores and the same DRAM, so without it a transfer is a few ms and the burst measures
-process start-up; the delay stands for each target's own link, the case where the schedule decides.
+whether every target holds the source's bytes. Each READ of a target is delayed (failpoint `before_read=sleep:S`): on
+this machine every process shares 2 cores and the same DRAM, so without it a transfer is a few ms and the burst
+measures process start-up; the delay stands for each target's own link, the case where the schedule decides.
 
 Variants: `star` (MX_FANOUT_READERS=1: one reader per pass at a time, today's star without the carousel), `carousel`
 (MX_FANOUT_READERS=8) and `tree` (MX_FANOUT_READERS=2: the rest wait busy and take the targets that finished), in
