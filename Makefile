@@ -125,6 +125,8 @@ typecheck: venv
 bench: venv
 	$(BIN)/python -m sidecar.lab.bench --json docs/benchmarks/cpu.json
 	$(BIN)/python -m sidecar.lab.fallback_memory --json docs/benchmarks/cpu-fallback-memory.json
+	$(BIN)/python -m sidecar.lab.fanout --out docs/benchmarks/fanout.json
+	$(BIN)/python -m sidecar.lab.fanout_sim --json docs/benchmarks/fanout-sim.json
 
 # TRT-LLM checkpoint at the file level vs copying the same files from local disk -> docs/benchmarks/trtllm-cpu.json
 bench-trtllm: venv

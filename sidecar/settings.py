@@ -284,9 +284,10 @@ class Settings:
     straggler_timeout: float = setting("MX_STRAGGLER_TIMEOUT", 10.0, _positive_seconds,
         "Seconds one reader may hold the other readers of a staging pass back before the source drops it (it "
         "tries another source); capped at MX_STALL_TIMEOUT.")
-    fanout_readers: int = setting("MX_FANOUT_READERS", 8, _fanout,
+    fanout_readers: int = setting("MX_FANOUT_READERS", 4, _fanout,
         "Readers one staging pass of a rank feeds at once (1-64); a reader beyond is told the source is busy and "
-        "waits for a place or another source (a finished target is one) instead of loading from storage.")
+        "waits for a place or another source (a finished target is one) instead of loading from storage; 4: the "
+        "fleet model's best across 4-256 targets (docs/BENCHMARKS.md#fan-out).")
     topology: str = setting("MX_TOPOLOGY", "", _topology,
         "Where this replica sits, outermost first, `/`-separated (e.g. `zone-a/rack-7/nvl-2`; from the downward "
         "API): after the same node, targets prefer the source sharing the longest prefix, then the least loaded.")
