@@ -49,10 +49,12 @@ from tests.tooling import (
 # Settings the lead's security work adds to sidecar/config.py (reserved names, HELPERS-COMMON.md).
 RESERVED_SETTINGS = {"MX_AUTH_KEY_FILE", "MX_REDIS_USERNAME", "MX_REDIS_PASSWORD_FILE", "MX_REDIS_TLS_CA_FILE",
                      "MX_REDIS_TLS_CERT_FILE", "MX_REDIS_TLS_KEY_FILE", "MX_ALLOW_TCP_HOOK"}
-# Every opt-in component, in the order a kustomization lists them (redis-tls patches the bundled Redis).
-COMPONENTS = ("redis", "redis-tls", "monitoring", "rdma")
+# Every opt-in component, in the order a kustomization lists them (redis-tls patches the bundled Redis; preflight
+# copies the sidecar as the others left it, so it comes last).
+COMPONENTS = ("redis", "redis-tls", "monitoring", "rdma", "preflight")
 VARIANTS = [(o, ()) for o in OVERLAYS] + [("vllm", ("redis",)), ("vllm", ("monitoring",)), ("vllm", ("rdma",)),
-                                          ("vllm", ("redis", "redis-tls")), ("trtllm", COMPONENTS),
+                                          ("vllm", ("redis", "redis-tls")), ("vllm", ("preflight",)),
+                                          ("vllm", ("redis", "redis-tls", "rdma", "preflight")), ("trtllm", COMPONENTS),
                                           ("example", ())]
 # The API groups of a plain cluster: what deploy/base and every variant without components/monitoring may use.
 BUILT_IN_API_VERSIONS = {"v1", "apps/v1", "policy/v1", "networking.k8s.io/v1"}
@@ -382,6 +384,36 @@ def test_the_rdma_component_gives_the_rdma_device_and_ipc_lock_to_the_sidecar_on
     assert side["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK"]}
     assert "rdma/rdma_shared_device_a" not in eng["resources"].get("limits", {})
     assert "rc" in _env(objs, side)["UCX_TLS"].split(",")
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if "preflight" in v[1]], ids=_ids)
+def test_the_preflight_component_runs_the_doctor_once_before_the_sidecar_with_exactly_the_sidecars_settings(
+        rendered, variant):
+    _, objs = rendered[_ids(variant)]
+    first, second = _pod(objs)["spec"]["initContainers"][:2]
+    assert (first["name"], second["name"]) == ("mx-doctor", "mx-sidecar"), "init containers run in order"
+    assert first["args"] == ["doctor"]
+    # A one-shot init container: it must exit (0) before the sidecar starts; probes or ports would be refused.
+    assert not {"restartPolicy", "startupProbe", "readinessProbe", "livenessProbe", "ports"} & set(first)
+    for field in ("image", "env", "envFrom", "volumeMounts", "securityContext", "resources"):
+        assert first[field] == second[field], f"the doctor must check what the sidecar uses: {field} differs"
+
+
+def test_the_preflight_component_refuses_to_render_where_the_sidecar_is_not_the_first_init_container(tmp_path):
+    # Its patch copies initContainers[0]: a layout it does not expect fails the render instead of checking another
+    # container's settings.
+    k = tmp_path / "k"
+    base = kustomize(DEPLOY / "overlays" / "vllm")
+    objs = docs(base)
+    pod = _pod(objs)["spec"]
+    pod["initContainers"].insert(0, {"name": "other", "image": "busybox", "args": ["true"]})
+    k.mkdir()
+    (k / "all.yaml").write_text(yaml.safe_dump_all(objs))
+    rel = os.path.relpath(DEPLOY, k)
+    (k / "kustomization.yaml").write_text("apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+                                          f"resources: [all.yaml]\ncomponents: [{rel}/components/preflight]\n")
+    res = run([tool("kubectl"), "kustomize", str(k)])
+    assert res.returncode != 0 and "test" in res.stderr.lower(), res.stderr
 
 
 def test_the_redis_tls_component_switches_to_rediss_with_a_mounted_ca(rendered):

@@ -85,6 +85,20 @@ def burst(work: Path, redis_url: str, ckpt: Path, n: int, mode: str, variant: st
             r.stop()
 
 
+def render(rows: list[Burst]) -> list[str]:
+    """The Markdown table: each size against one target of the same mode and variant, from the same run."""
+    one = {(r.mode, r.variant): r.all_ready_s for r in rows if r.targets == 1}
+    table = ["| mode | variant | targets | all ready (s) | / one target | aggregate MB/s | storage reads | identical |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        base = one.get((r.mode, r.variant))
+        ratio = f"{r.all_ready_s / base:.2f}x" if base else "-"
+        table.append(f"| {r.mode} | {r.variant} | {r.targets} | {r.all_ready_s:.2f} | {ratio} | "
+                     f"{r.moved_bytes / r.all_ready_s / 1e6:.1f} | {r.storage_reads} | "
+                     f"{'yes' if r.identical else 'NO'} |")
+    return table
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="1,2,4,8")
@@ -106,14 +120,7 @@ def main() -> int:
                     b = burst(work, redis_server.url, ckpt, n, mode, variant, args.read_delay)
                     rows.append(b)
                     print(json.dumps(asdict(b)), flush=True)
-    one = {(r.mode, r.variant): r.all_ready_s for r in rows if r.targets == 1}
-    table = ["| mode | variant | targets | all ready (s) | / one target | storage reads | identical |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        base = one.get((r.mode, r.variant))
-        ratio = f"{r.all_ready_s / base:.2f}x" if base else "-"
-        table.append(f"| {r.mode} | {r.variant} | {r.targets} | {r.all_ready_s:.2f} | {ratio} | {r.storage_reads} | "
-                     f"{'yes' if r.identical else 'NO'} |")
+    table = render(rows)
     print("\n".join(table))
     out = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]},
            "read_delay_s": args.read_delay, "model": SMALL, "rows": [asdict(r) for r in rows], "table": table}
