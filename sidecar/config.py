@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 from sidecar.settings import ConfigError, Settings, parse_env
 
-__all__ = ["Config", "cli_config", "rank_address"]
+__all__ = ["Config", "cache_address", "cli_config", "rank_address"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,18 @@ class Config(Settings):
 
     def rank_address(self, rank: int) -> str:
         return rank_address(self.zmq_address, rank)
+
+
+def cache_address(base: str) -> str:
+    """The compile cache's hook sockets beside the engine's: `ipc:///tmp/mx/vllm.sock` -> `.../vllm-cache.sock`
+    (its rank 0: `vllm-cache-0.sock`); `tcp://h:5550` -> `tcp://h:6550` (ranks stay below +1000)."""
+    if base.startswith("ipc://"):
+        stem, dot, ext = base.rpartition(".")
+        if dot and "/" not in ext:
+            return f"{stem}-cache.{ext}"
+        return f"{base}-cache"
+    host, _, port = base.rpartition(":")
+    return f"{host}:{int(port) + 1000}"
 
 
 def rank_address(base: str, rank: int) -> str:

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import logging
 import signal
 import time
 
 import zmq.asyncio
 
 from sidecar.build import Parts, build
+from sidecar.compile_cache.share import CacheShare
 from sidecar.config import Config
 from sidecar.coordinator import Candidate
 from sidecar.errors import (
@@ -31,6 +34,7 @@ from sidecar.errors import (
 )
 from sidecar.explain import explain_no_match
 from sidecar.failpoints import FailpointError
+from sidecar.metrics import Metrics
 from sidecar.recovery import finish_partial_release, take_over_orphans, wait_for_loads
 from sidecar.roles import decide, renew_lease
 from sidecar.target.attempts import receive_from_any
@@ -38,8 +42,9 @@ from sidecar.target.receiver import Result
 
 
 class Daemon:
-    def __init__(self, parts: Parts) -> None:
+    def __init__(self, parts: Parts, cache: CacheShare | None = None) -> None:
         self.p = parts
+        self.cache = cache
         self.log = parts.log
         self._t_start = time.monotonic()
         self._released = False
@@ -265,6 +270,18 @@ class Daemon:
             dt = time.monotonic() - self._t_start
             self.p.metrics.time_to_ready.labels(self.p.engine.model, self._role).set(dt)
             self.log.info("engine released %.2fs after sidecar start", dt)
+            if self.cache is not None:
+                self.cache.released(self._role)
+
+
+def _cache_ended(metrics: Metrics, task: asyncio.Task[None]) -> None:
+    """The compile cache is an optimisation: its failure is logged and counted, the weights' life goes on (a
+    waiting engine got a "failed" verdict, or stops waiting after MX_COMPILE_CACHE_WAIT, and compiles)."""
+    if task.cancelled() or (e := task.exception()) is None:
+        return
+    metrics.task_failures.labels("?", "compile_cache").inc()
+    logging.getLogger("mx.compile_cache").error("compile cache: stopped: %s: %s (the engine compiles on its own)",
+                                                type(e).__name__, e)
 
 
 def run_daemon(cfg: Config) -> int:
@@ -272,14 +289,25 @@ def run_daemon(cfg: Config) -> int:
 
     async def go() -> int:
         carried = None
-        while True:
-            parts = build(cfg, carried)
-            daemon = Daemon(parts)
-            code = await daemon.run()
-            if not daemon.starts_over:
-                return code
-            reason = "restarted" if isinstance(daemon.lost, EngineRestarted) else "gone"
-            parts.metrics.engine_restarts.labels(parts.engine.model, reason).inc()
-            carried = (parts.metrics, parts.http)
+        cache: CacheShare | None = None
+        cache_task: asyncio.Task[None] | None = None
+        try:
+            while True:
+                parts = build(cfg, carried)
+                if cfg.compile_cache_dir and cache is None:  # one per process: it outlives an engine's life
+                    cache = CacheShare(cfg, parts.metrics)
+                    cache_task = asyncio.create_task(cache.run(), name="compile-cache")
+                    cache_task.add_done_callback(functools.partial(_cache_ended, parts.metrics))
+                daemon = Daemon(parts, cache)
+                code = await daemon.run()
+                if not daemon.starts_over:
+                    return code
+                reason = "restarted" if isinstance(daemon.lost, EngineRestarted) else "gone"
+                parts.metrics.engine_restarts.labels(parts.engine.model, reason).inc()
+                carried = (parts.metrics, parts.http)
+        finally:
+            if cache_task is not None:
+                cache_task.cancel()
+                await asyncio.gather(cache_task, return_exceptions=True)
 
     return uvloop.run(go())

@@ -58,6 +58,18 @@ class Metrics:
                                       registry=r)
         self.engine_restarts = Counter("mx_engine_restarts", "Lives started over because the engine was lost",
                                        ["model", "reason"], registry=r)  # reason: restarted | gone
+        # Compile caches (sidecar/compile_cache): result hit | miss (installed; the engine compiled anyway) |
+        # mismatch (live caches of other keys) | none (no live cache) | present (already in the root) |
+        # refused (no deployment key: caches are code) | failed (receive or install failed; the engine compiles)
+        self.compile_cache = Counter("mx_compile_cache", "Compile cache requests of an engine, by result",
+                                     ["model", "result"], registry=r)
+        self.compile_cache_published = Gauge("mx_compile_cache_published",
+                                              "1 while this replica serves its compile cache", ["model"], registry=r)
+        self.time_to_serve = Gauge("mx_time_to_serve_seconds", "Sidecar start to the engine answering its ready URL "
+                                   "(MX_ENGINE_READY_URL)", ["model", "role"], registry=r)
+        self.time_to_serve_phase = Gauge("mx_time_to_serve_phase_seconds", "Time to serve by phase: weights (to "
+                                         "release), cache_install, engine (release or install to ready: compile, "
+                                         "profiling, graph capture)", ["model", "phase"], registry=r)
         self.ready = False
         self.healthy = True
 

@@ -138,6 +138,21 @@ def _topology(raw: str) -> str:
     return v
 
 
+def _abs_dir(raw: str) -> str:
+    v = raw.strip()
+    if v and not os.path.isabs(v):
+        raise ValueError("must be an absolute directory path (the same in the engine and the sidecar container)")
+    return v.rstrip("/") or v
+
+
+def _ready_url(raw: str) -> str:
+    v = raw.strip()
+    if v and urlsplit(v).scheme not in ("http", "https", "file"):
+        raise ValueError("must be an http(s):// URL that answers 200 once the engine serves (vLLM: "
+                         "http://127.0.0.1:8000/health) or a file:// path that exists then")
+    return v
+
+
 def _choice(*options: str) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         v = raw.strip().lower()
@@ -304,6 +319,20 @@ class Settings:
     model_revision: str = setting("MX_MODEL_REVISION", "", _text,
         "Engine hook (vLLM): the checkpoint's name in the fingerprint (a release name or manifest digest; nothing "
         "is hashed); default: a local directory's content digest (cached beside it), a hub id's resolved commit.")
+    # Compile caches beside the weights (sidecar/compile_cache, runtime_hooks/compile_cache.py; docs/VLLM.md).
+    compile_cache_dir: str = setting("MX_COMPILE_CACHE_DIR", "", _abs_dir,
+        "The engine's compile cache root, mounted in both containers (vLLM: equal to VLLM_CACHE_ROOT): a replica "
+        "installs a live source's cache of the same key here before the engine compiles, and publishes its own once "
+        "the engine serves. Needs MX_AUTH_KEY_FILE (caches are code); empty: off.")
+    engine_ready_url: str = setting("MX_ENGINE_READY_URL", "", _ready_url,
+        "An http(s):// URL that answers 200 once the engine serves (vLLM: `http://127.0.0.1:8000/health`) or a "
+        "file:// path that exists then: ends `mx_time_to_serve_seconds` and lets the compile cache be published; "
+        "empty: neither.")
+    compile_cache_wait: float = setting("MX_COMPILE_CACHE_WAIT", 30.0, _positive_seconds,
+        "Engine hook: seconds the engine waits, after its weights, for the sidecar's compile cache verdict (one "
+        "look for a live cache of its key, the receive, the install) before it compiles on its own.")
+    compile_cache_settle: float = setting("MX_COMPILE_CACHE_SETTLE", 10.0, _positive_seconds,
+        "Seconds the cache root must stay unchanged, after the engine serves, before its cache is published.")
     # TensorRT-LLM checkpoints and model directories, file level (runtime_hooks/engines/trtllm, runtime_hooks/files).
     trtllm_model_name: str = setting("MX_TRTLLM_MODEL_NAME", "", _text,
         "TRT-LLM / model files: the name a publisher announces and a loader asks for; default: MX_MODEL_NAME.")

@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,12 +71,18 @@ def layouts_of(records: list[SourceRecord], model: str) -> list[SourceLayout]:
     return out
 
 
-def wait_for_source(cfg: Config, model: str, timeout: float, mem_types: set[str]) -> SourceLayout:
-    """Poll Redis until a file-level source of `model` that this process can receive from is live."""
-    return asyncio.run(_wait_for_source(cfg, model, timeout, mem_types))
+Choose = Callable[[list[SourceLayout]], "SourceLayout | None"]
 
 
-async def _wait_for_source(cfg: Config, model: str, timeout: float, mem_types: set[str]) -> SourceLayout:
+def wait_for_source(cfg: Config, model: str, timeout: float, mem_types: set[str],
+                    choose: Choose | None = None) -> SourceLayout:
+    """Poll Redis until a file-level source of `model` that this process can receive from is live (and, with
+    `choose`, one it picks among those: the compile cache takes only its own key)."""
+    return asyncio.run(_wait_for_source(cfg, model, timeout, mem_types, choose))
+
+
+async def _wait_for_source(cfg: Config, model: str, timeout: float, mem_types: set[str],
+                           choose: Choose | None) -> SourceLayout:
     keys = Keyring.from_file(cfg.auth_key_file)
     if not keys.enabled:
         log.warning("no MX_AUTH_KEY_FILE: source records are read UNAUTHENTICATED (the SHA-256s then protect against "
@@ -108,9 +115,10 @@ async def _wait_for_source(cfg: Config, model: str, timeout: float, mem_types: s
             refused.clear()
             usable = [x for x in layouts if x.mem_type in mem_types]
             unusable.update(x.mem_type for x in layouts if x.mem_type not in mem_types)
-            if usable:
-                lay = usable[0]
-                if len(usable) > 1:
+            picked = (choose(usable) if choose is not None else usable[0]) if usable else None
+            if picked is not None:
+                lay = picked
+                if len(usable) > 1 and choose is None:
                     log.warning("%d different file sets are published as %s; taking the one with the most live "
                                 "sources (%s, %d)", len(usable), model, lay.fingerprint[:12], lay.replicas)
                 log.info("Found source with %d workers (%s, %d files, %.2f GB, %s memory)", len(lay.ranks),
@@ -239,12 +247,14 @@ class FileReceiver:
     """Rebuilds a live publisher's files in `dest`, byte for byte, through the sidecar beside this process."""
 
     def __init__(self, model_name: str, dest: str | os.PathLike[str], config: Config | None = None,
-                 devices: str | None = None, source_timeout: float | None = None) -> None:
+                 devices: str | None = None, source_timeout: float | None = None,
+                 choose: Choose | None = None) -> None:
         self.cfg = config or Config.from_env()
         self.model_name = model_name
         self.dest = Path(dest)
         self.devices_setting = devices or self.cfg.trtllm_devices
         self.source_timeout = source_timeout or self.cfg.trtllm_source_timeout
+        self.choose = choose
         self.layout: SourceLayout | None = None
         self.adapters: list[FileTargetAdapter] = []
         self.hooks: list[RankHook] = []
@@ -253,7 +263,7 @@ class FileReceiver:
     def receive(self, sidecar_timeout: float | None = None) -> ReceiveResult:
         t0 = time.monotonic()
         lay = self.layout = wait_for_source(self.cfg, self.model_name, self.source_timeout,
-                                            usable_mem_types(self.devices_setting))
+                                            usable_mem_types(self.devices_setting), self.choose)
         t_found = time.monotonic()
         devices = resolve_devices(self.devices_setting, len(lay.ranks), lay.mem_type)
         self.dest.mkdir(parents=True, exist_ok=True)

@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-memory-utilization", type=float, default=None, help="GPU only (vLLM's default 0.9)")
     p.add_argument("--no-digests", action="store_true")
     p.add_argument("--exit-after-ready", action="store_true")
+    p.add_argument("--compile", action="store_true", help="without enforce_eager: vLLM runs torch.compile")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--ready-file", default="", help="created once the engine is ready (MX_ENGINE_READY_URL=file://)")
     p.add_argument("--check", default="", help="a function of tests.vllm.worker_checks to run in every worker")
     a = p.parse_args(argv)
 
@@ -77,10 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     kw: dict[str, Any] = {"gpu_memory_utilization": a.gpu_memory_utilization} if a.gpu_memory_utilization else {}
     if a.storage_load_format:
         kw["model_loader_extra_config"] = {"storage_load_format": a.storage_load_format}
+    if a.max_num_batched_tokens:
+        kw["max_num_batched_tokens"] = a.max_num_batched_tokens
     llm = LLM(model=a.model, load_format=a.load_format, tensor_parallel_size=a.tp, dtype=a.dtype,
-              skip_tokenizer_init=True, enforce_eager=True, max_model_len=256, max_num_seqs=4, seed=0,
+              skip_tokenizer_init=True, enforce_eager=not a.compile, max_model_len=256, max_num_seqs=4, seed=0,
               kv_cache_dtype=a.kv_cache_dtype, **kw)
     ready_s = time.monotonic() - T0
+    if a.ready_file:
+        with open(a.ready_file, "x"):  # what a readiness probe would see: the engine answers
+            pass
     out = llm.generate([{"prompt_token_ids": PROMPT}],
                        SamplingParams(temperature=0, max_tokens=a.max_tokens, ignore_eos=True), use_tqdm=False)
     line: dict[str, Any] = {"ready_s": round(ready_s, 2), "tokens": list(out[0].outputs[0].token_ids)}

@@ -245,10 +245,13 @@ def _build_loader_class(hooks: VllmHooks) -> type:
                     adapter.load_from_storage()
                 self.hooks.record(adapter.rank, "loaded_without_hook")
                 return adapter.model.eval()
+            cache = _ask_for_compile_cache(vllm_config, adapter, device)  # moves while the weights do
             with set_default_torch_dtype(dtype):
                 outcome = hook.run_until_ready(self.sidecar_timeout)
             self.hooks.record(adapter.rank, outcome)
             log.info("mx: rank %d weights %s in %.2fs", adapter.rank, outcome, time.monotonic() - t0)
+            if cache is not None:
+                cache.wait()  # before vLLM compiles: whatever was installed is there, or nothing is
             return adapter.model.eval()
 
         def _default_load(self, vllm_config: Any, model_config: Any, prefix: str) -> torch.nn.Module:
@@ -259,6 +262,21 @@ def _build_loader_class(hooks: VllmHooks) -> type:
             return model  # type: ignore[no-any-return]
 
     return MxModelLoader
+
+
+def _ask_for_compile_cache(vllm_config: Any, adapter: VllmAdapter, device: torch.device) -> Any:
+    """The sidecar's compile cache for this engine (runtime_hooks/engines/vllm/compile_cache.py), or None. Never
+    fatal: a cache is an optimisation, the engine compiles without it."""
+    from runtime_hooks.engines.vllm.compile_cache import ask_for_compile_cache
+    from sidecar.config import Config
+
+    try:
+        cfg = Config.from_env()
+        return ask_for_compile_cache(vllm_config, adapter.identity().model_id, adapter.rank, device,
+                                     cfg.compile_cache_dir, cfg.compile_cache_wait)
+    except (OSError, ValueError, AttributeError) as e:  # AttributeError: a vLLM without the API the key reads
+        log.warning("mx: no compile cache request (%s: %s); vLLM compiles as usual", type(e).__name__, e)
+        return None
 
 
 def _tp_rank_or_zero() -> int:

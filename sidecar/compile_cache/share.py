@@ -1,0 +1,188 @@
+"""The compile cache's part of a replica's life, beside the weights' (one per daemon process, across engine lives):
+
+  start the cache's sidecar -> answer each engine request (fetch.py: find, receive, verify, install) ->
+  engine ready (MX_ENGINE_READY_URL): time to serve by phase, and whether the engine used what was installed ->
+  the root settles -> publish this replica's cache (publish.py) until the daemon stops.
+
+An optimisation only: every failure here is logged, counted and ends in "the engine compiles as it would have"
+(the engine stops waiting after MX_COMPILE_CACHE_WAIT); the weights' life never depends on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from pathlib import Path
+
+from runtime_hooks.compile_cache import VERSION, CacheRequest, CacheVerdict, Exchange
+from sidecar.compile_cache.child import CacheDaemon, cache_config
+from sidecar.compile_cache.fetch import fetch, install_units
+from sidecar.compile_cache.publish import CachePublication, cache_files, settle
+from sidecar.compile_cache.ready import wait_ready
+from sidecar.config import Config
+from sidecar.failpoints import Failpoints
+from sidecar.metrics import Metrics
+
+log = logging.getLogger("mx.compile_cache")
+
+REQUEST_POLL_S = 0.25  # the engine's request is a file of another container: no event; 4 stats a second
+SETTLE_LIMIT_S = 600.0  # a root still changing after 10 min of serving is not a cache to hand out
+
+
+class CacheShare:
+    def __init__(self, cfg: Config, metrics: Metrics) -> None:
+        self.cfg = cfg
+        self.cache_cfg = cache_config(cfg)
+        self.metrics = metrics
+        self.root = Path(cfg.compile_cache_dir)
+        self.ex = Exchange(self.root)
+        self.t0 = time.monotonic()
+        self.released_at: float | None = None
+        self.role = "unknown"
+        self.request: CacheRequest | None = None
+        self.verdict: CacheVerdict | None = None
+        self._verdict_mono: float | None = None
+        self._daemon = CacheDaemon(cfg)
+        self.failpoints = Failpoints(cfg.test_failpoints)
+        self._publication: CachePublication | None = None
+
+    def released(self, role: str) -> None:
+        """The weights' life released the engine (called by the daemon)."""
+        self.released_at = time.monotonic()
+        self.role = role
+
+    @property
+    def model(self) -> str:
+        return self.request.model if self.request is not None else "?"
+
+    async def run(self) -> None:
+        """Until cancelled (the daemon's end)."""
+        await self._daemon.start()
+        await asyncio.to_thread(self.ex.announce)
+        answering = asyncio.create_task(self._answer_requests(), name="compile-cache-requests")
+        try:
+            await self._after_ready()
+            await answering  # runs until cancelled
+        except Exception as e:
+            await asyncio.to_thread(self._fail_pending, e)
+            raise
+        finally:
+            answering.cancel()
+            if self._publication is not None:
+                self.metrics.compile_cache_published.labels(self.model).set(0)
+                await asyncio.to_thread(self._publication.close)
+            await self._daemon.stop()
+
+    def _fail_pending(self, e: BaseException) -> None:
+        """A request not answered yet gets "failed": the engine compiles now instead of after its wait."""
+        try:
+            req = self.ex.pending_request()
+            if req is not None and (self.verdict is None or self.verdict.token != req.token):
+                self.ex.answer(CacheVerdict(VERSION, req.token, "failed", f"the sidecar's cache task stopped: {e}",
+                                            [], [], 0, 0.0, time.time()))
+        except (ValueError, OSError) as err:
+            log.warning("compile cache: could not answer the pending request: %s", err)
+
+    # ------------------------------------------------------------------ requests
+    async def _answer_requests(self) -> None:
+        answered = ""
+        while True:
+            try:
+                req = await asyncio.to_thread(self.ex.pending_request)
+            except (ValueError, OSError) as e:
+                log.warning("compile cache: unreadable request (%s); the engine compiles on its own", e)
+                req = None
+                answered = "unreadable"
+                await asyncio.sleep(5.0)
+            if req is not None and req.token != answered:
+                answered = req.token
+                await self._answer(req)
+            await asyncio.sleep(REQUEST_POLL_S)
+
+    async def _answer(self, req: CacheRequest) -> None:
+        self.request = req
+        log.info("compile cache: the engine asks for %s with key %s", req.model,
+                 " ".join(f"{k}={v}" for k, v in sorted(req.key.items())))
+        try:
+            verdict = await asyncio.to_thread(fetch, self.cfg, self.cache_cfg, req, self.ex, self.failpoints)
+        except Exception as e:  # an install that broke half-way: say so, never leave the engine waiting
+            log.exception("compile cache: fetching failed")
+            verdict = CacheVerdict(VERSION, req.token, "failed", f"{type(e).__name__}: {e}", [], [], 0, 0.0,
+                                   time.time())
+        await asyncio.to_thread(self.ex.answer, verdict)
+        self.verdict, self._verdict_mono = verdict, time.monotonic()
+        log.info("phase=compile_cache %.2fs: %s, %s", verdict.seconds, verdict.result, verdict.detail)
+        if verdict.result != "installed":  # installed: hit or miss once the engine serves
+            self.metrics.compile_cache.labels(req.model, verdict.result).inc()
+
+    # ------------------------------------------------------------------ once the engine serves
+    async def _after_ready(self) -> None:
+        if not self.cfg.engine_ready_url:
+            log.warning("compile cache: MX_ENGINE_READY_URL is empty: caches are installed, never published, and "
+                        "the time to serve is not measured")
+            return
+        await wait_ready(self.cfg.engine_ready_url, self.cfg.poll_interval)
+        t_ready = time.monotonic()
+        self._time_to_serve(t_ready)
+        await asyncio.to_thread(self._judge_install)
+        if self.request is None:
+            log.info("compile cache: the engine asked for none (it does not compile, or its plugin is off): "
+                     "nothing to publish")
+            return
+        snap = await settle(self.root, self.cfg.compile_cache_settle, SETTLE_LIMIT_S)
+        if snap is None:
+            log.warning("compile cache: %s still changed after %.0fs of serving; not published", self.root,
+                        SETTLE_LIMIT_S)
+            return
+        pub = CachePublication(self.cache_cfg, self.root, self.request.model, self.request.key)
+        nbytes = await asyncio.to_thread(pub.open, sorted(snap))
+        self._publication = pub
+        self.metrics.compile_cache_published.labels(self.model).set(1)
+        log.info("phase=compile_cache_publish %.2fs after ready: %d files, %.1f MB, key %s",
+                 time.monotonic() - t_ready, len(snap), nbytes / 1e6,
+                 " ".join(f"{k}={v}" for k, v in sorted(self.request.key.items())))
+
+    def _time_to_serve(self, t_ready: float) -> None:
+        total = t_ready - self.t0
+        phases: dict[str, float] = {}
+        start_engine = self.t0
+        if self.released_at is not None:
+            phases["weights"] = self.released_at - self.t0
+            start_engine = self.released_at
+        v = self.verdict
+        if v is not None and self._verdict_mono is not None:
+            phases["cache_install"] = v.seconds
+            start_engine = max(start_engine, self._verdict_mono)
+        phases["engine"] = t_ready - start_engine
+        self.metrics.time_to_serve.labels(self.model, self.role).set(total)
+        for name, s in phases.items():
+            self.metrics.time_to_serve_phase.labels(self.model, name).set(s)
+        log.info("phase=serve %.2fs: the engine answers %s (%s)", total, self.cfg.engine_ready_url,
+                 ", ".join(f"{k} {s:.2f}s" for k, s in phases.items()))
+
+    def _judge_install(self) -> None:
+        """Installed, then: a hit when the engine wrote nothing into the cache directories beside what came,
+        a miss when it compiled anew (its own key differed from what the plugin computed, or a graph was missing)."""
+        v = self.verdict
+        if v is None or v.result != "installed":
+            return
+        installed, ours = set(v.installed), set(v.files)
+        units = install_units(cache_files(self.root), self.request.units if self.request else [])
+        new = sorted(p for unit, paths in units.items() for p in paths
+                     if p not in ours and (unit in installed or _newer(self.root / p, v.at)))
+        result = "miss" if new else "hit"
+        self.metrics.compile_cache.labels(self.model, result).inc()
+        if new:
+            log.warning("compile cache: miss: the engine compiled anew, %d new files beside the %d installed (e.g. %s)",
+                        len(new), len(ours), new[0])
+        else:
+            log.info("compile cache: hit: the engine compiled nothing beside the %d installed files", len(ours))
+
+
+def _newer(path: Path, since: float) -> bool:
+    try:
+        return os.stat(path).st_mtime >= since
+    except FileNotFoundError:
+        return False
