@@ -209,6 +209,21 @@ def test_the_sidecar_is_a_native_sidecar_sharing_the_socket_and_shm_volumes_with
     assert pod["spec"]["shareProcessNamespace"] is True, "CUDA IPC across PID namespaces fails"
 
 
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v[0] in ("vllm", "example")], ids=_ids)
+def test_vllm_pods_share_the_compile_cache_root_and_the_sidecar_watches_the_engines_health(rendered, variant):
+    _, objs = rendered[_ids(variant)]
+    side, eng = _sidecar(objs), _engine(objs)
+    env_s, env_e = _env(objs, side), _env(objs, eng)
+    root = env_e["MX_COMPILE_CACHE_DIR"]
+    assert env_e["VLLM_CACHE_ROOT"] == root == env_s["MX_COMPILE_CACHE_DIR"], "vLLM must find what is installed"
+    vols = {v["name"]: v for v in _pod(objs)["spec"]["volumes"]}
+    shared = [m["name"] for m in eng["volumeMounts"] if m["mountPath"] == root]
+    assert shared and _mount(side, shared[0]) == root and "emptyDir" in vols[shared[0]]
+    assert not any(m.get("readOnly") for c in (side, eng) for m in c["volumeMounts"] if m["name"] == shared[0])
+    port = next(p["containerPort"] for p in eng["ports"] if p["name"] == "http")
+    assert env_s["MX_ENGINE_READY_URL"] == f"http://127.0.0.1:{port}{eng['readinessProbe']['httpGet']['path']}"
+
+
 @pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
 def test_sidecar_probes_use_readyz_and_healthz_and_the_startup_probe_never_waits_for_the_engine(rendered, variant):
     _, objs = rendered[_ids(variant)]

@@ -52,7 +52,7 @@ def device_arch(device: torch.device) -> str:
 def cache_key(vllm_config: Any, device: torch.device) -> dict[str, str]:
     import vllm
 
-    key = {"vllm": str(vllm.__version__), "config": str(vllm_config.compute_hash()), "torch": torch.__version__,
+    key = {"vllm": str(vllm.__version__), "config": str(vllm_config.compute_hash()), "torch": str(torch.__version__),
            "arch": device_arch(device)}
     try:
         import triton

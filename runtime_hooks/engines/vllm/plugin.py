@@ -251,7 +251,7 @@ def _build_loader_class(hooks: VllmHooks) -> type:
             self.hooks.record(adapter.rank, outcome)
             log.info("mx: rank %d weights %s in %.2fs", adapter.rank, outcome, time.monotonic() - t0)
             if cache is not None:
-                cache.wait()  # before vLLM compiles: whatever was installed is there, or nothing is
+                _wait_for_compile_cache(cache)  # before vLLM compiles: what was installed is there, or nothing
             return adapter.model.eval()
 
         def _default_load(self, vllm_config: Any, model_config: Any, prefix: str) -> torch.nn.Module:
@@ -274,9 +274,17 @@ def _ask_for_compile_cache(vllm_config: Any, adapter: VllmAdapter, device: torch
         cfg = Config.from_env()
         return ask_for_compile_cache(vllm_config, adapter.identity().model_id, adapter.rank, device,
                                      cfg.compile_cache_dir, cfg.compile_cache_wait)
-    except (OSError, ValueError, AttributeError) as e:  # AttributeError: a vLLM without the API the key reads
+    except Exception as e:  # a cache is never worth the engine: any failure here means vLLM compiles (measured:
+        # torch.__version__ is a str subclass msgspec refused, and the TypeError took the engine core down)
         log.warning("mx: no compile cache request (%s: %s); vLLM compiles as usual", type(e).__name__, e)
         return None
+
+
+def _wait_for_compile_cache(cache: Any) -> None:
+    try:
+        cache.wait()
+    except Exception as e:  # as above: the engine compiles without it
+        log.warning("mx: waiting for the compile cache failed (%s: %s); vLLM compiles as usual", type(e).__name__, e)
 
 
 def _tp_rank_or_zero() -> int:
