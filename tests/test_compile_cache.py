@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import sys
 import time
 import urllib.request
@@ -207,3 +208,18 @@ def test_a_request_abandoned_at_once_is_never_installed(fleet, source):
     v = ex.verdict()
     assert v is None or v.result == "failed", v  # unread: never answered; read mid-way: refused at the install
     assert not (root / "torch_compile_cache").exists()
+
+
+def test_a_cache_source_killed_before_the_receive_leaves_nothing_installed_and_the_engine_compiles(fleet, source):
+    key = {**KEY, "config": "killed"}
+    src, root = _sidecar(fleet, "src-killed")
+    assert _ask(root, key).result in ("none", "mismatch")  # the module's source has another key
+    _compiled(root, h="aaaabbbbccccdddd")
+    (root.parent / "ready").touch()
+    src.wait_for(r"phase=compile_cache_publish", 60)
+    child = int(src.wait_for(r"compile cache: its sidecar runs as process (\d+)", 5).group(1))
+    _, tgt = _sidecar(fleet, "after-kill")
+    os.kill(child, signal.SIGKILL)  # its sealed record stays in Redis until MX_SOURCE_TTL: the target finds it
+    v = _ask(tgt, key)
+    assert v.result == "failed" and "receive failed" in v.detail, v
+    assert not (tgt / "torch_compile_cache").exists()
