@@ -102,6 +102,7 @@ def _compiled(root: Path, h: str = HASH, tag: bytes = b"") -> dict[str, bytes]:
     """What a compile leaves (the shape vLLM 0.32's AOT compile writes on CPU)."""
     files = {f"torch_compile_cache/torch_aot_compile/{h}/rank_0_0/model": b"graph" + tag + os.urandom(64),
              f"torch_compile_cache/torch_aot_compile/{h}/inductor_cache/gw/c1.main.so": os.urandom(4096),
+             f"torch_compile_cache/torch_aot_compile/{h}/inductor_cache/gw/empty.marker": b"",
              "modelinfos/llama.json": b'{"architectures": ["LlamaForCausalLM"]}'}
     for rel, data in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)

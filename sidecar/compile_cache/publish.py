@@ -66,8 +66,8 @@ async def settle(root: Path, quiet_s: float, limit_s: float) -> Snapshot | None:
         now = await asyncio.to_thread(snapshot, root)
         if now != last:
             last, quiet_since = now, loop.time()
-        elif last and loop.time() - quiet_since >= quiet_s:
-            return last
+        elif loop.time() - quiet_since >= quiet_s:
+            return last  # possibly empty: the engine compiled nothing
     return None
 
 

@@ -136,9 +136,17 @@ class CacheShare:
             log.warning("compile cache: %s still changed after %.0fs of serving; not published", self.root,
                         SETTLE_LIMIT_S)
             return
+        if not snap:
+            log.info("compile cache: %s holds no cache files; nothing to publish", self.root)
+            return
         pub = CachePublication(self.cache_cfg, self.root, self.request.model, self.request.key)
-        nbytes = await asyncio.to_thread(pub.open, sorted(snap))
-        self._publication = pub
+        self._publication = pub  # closed on the way out, even half-open
+        try:
+            nbytes = await asyncio.to_thread(pub.open, sorted(snap))
+        except Exception as e:  # this replica's cache is not served; requests are still answered
+            log.error("compile cache: publishing failed (%s: %s); this replica does not serve its cache",
+                      type(e).__name__, e)
+            return
         self.metrics.compile_cache_published.labels(self.model).set(1)
         log.info("phase=compile_cache_publish %.2fs after ready: %d files, %.1f MB, key %s",
                  time.monotonic() - t_ready, len(snap), nbytes / 1e6,
