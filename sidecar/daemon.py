@@ -13,7 +13,9 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import signal
+import threading
 import time
 
 import zmq.asyncio
@@ -39,6 +41,8 @@ from sidecar.recovery import finish_partial_release, take_over_orphans, wait_for
 from sidecar.roles import decide, renew_lease
 from sidecar.target.attempts import receive_from_any
 from sidecar.target.receiver import Result
+
+SHUTDOWN_LIMIT_S = 10.0  # a teardown (withdraw, close agents and sockets) takes well under a second
 
 
 class Daemon:
@@ -223,6 +227,27 @@ class Daemon:
         p = self.p
         p.metrics.ready = False
         await p.failpoints.ahit("shutdown")  # tests: keep /healthz observable a moment before the exit
+        watchdog = threading.Timer(SHUTDOWN_LIMIT_S, self._stuck_teardown)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            await self._teardown()
+        finally:
+            if self.starts_over:  # the process goes on with a new life; otherwise it stays armed until the exit
+                watchdog.cancel()
+
+    def _stuck_teardown(self) -> None:
+        """The teardown did not end: leave with the life's exit code anyway (no verdict was given, none will be),
+        so that Kubernetes restarts the container. Measured: a target fenced out while its source was SIGSTOPped
+        never logged "stopped" within 20 s under CI load."""
+        self.log.error("shutdown still not finished after %.0fs (a NIXL/UCX or socket teardown is stuck); exiting "
+                       "with code %d", SHUTDOWN_LIMIT_S, self._exit_code)
+        logging.shutdown()
+        os._exit(self._exit_code)
+
+    async def _teardown(self) -> None:
+        p = self.p
+        await p.failpoints.ahit("teardown")  # tests: a teardown that never ends
         await p.sup.close()
         if p.engine.unfenced and not self._no_verdict:
             self.log.error("READs of ranks %s could not be confirmed finished: exiting WITHOUT a verdict (no abort); "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import logging
 import os
@@ -20,7 +21,14 @@ from sidecar.config import Config, cache_address
 
 log = logging.getLogger("mx.compile_cache")
 
-STOP_GRACE_S = 15.0
+STOP_GRACE_S = 5.0  # within the daemon's own shutdown limit (daemon.SHUTDOWN_LIMIT_S)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the pod's daemon dies, however it dies (Linux prctl
+    PR_SET_PDEATHSIG), so the cache's sidecar never outlives it and never serves a cache nobody holds."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM, 0, 0, 0)
 
 
 def cache_config(cfg: Config) -> Config:
@@ -42,7 +50,8 @@ class CacheDaemon:
                "MX_METRICS_PORT": "0", "MX_METRICS_HOST": "127.0.0.1",  # not scraped: the pod's daemon counts caches
                # its warnings and errors only: the pod's daemon logs every step of the cache (debug: everything)
                "MX_LOG_LEVEL": "debug" if self.cfg.log_level == "debug" else "warning"}
-        self.proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "sidecar", "run", env=env)
+        self.proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "sidecar", "run", env=env,
+                                                         preexec_fn=_die_with_parent)
         log.info("compile cache: its sidecar runs as process %d on %s", self.proc.pid, env["MX_ZMQ_ADDRESS"])
 
     @property

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.lab.embedded_redis import EmbeddedRedis
-from tests.test_end_to_end import _metric
-from tests.vllm.replica import VllmReplica
-from tests.vllm.tiny_llama import make_tiny_llama
+pytest.importorskip("vllm.model_executor")
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
-pytestmark = pytest.mark.timeout(900)
+from sidecar.lab.embedded_redis import EmbeddedRedis  # noqa: E402
+from tests.test_end_to_end import _metric  # noqa: E402
+from tests.vllm.replica import VllmReplica  # noqa: E402
+from tests.vllm.tiny_llama import make_tiny_llama  # noqa: E402
 
 
 @pytest.fixture(scope="module")
