@@ -21,7 +21,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -166,30 +166,31 @@ class Exchange:
     def wait_verdict(self, token: str, timeout: float, poll: float = 0.1) -> CacheVerdict | None:
         """This request's verdict, or None after `timeout`: the request is then abandoned under the lock (a verdict
         that landed meanwhile is returned instead), so nothing is installed once the engine compiles on its own."""
-        deadline = time.monotonic() + timeout
-        while True:
+        v = self._poll_verdict(lambda v: v.token == token, timeout, poll)
+        if v is not None:
+            return v
+        with self.locked():
             v = self.verdict()
             if v is not None and v.token == token:
                 return v
-            if time.monotonic() >= deadline:
-                with self.locked():
-                    v = self.verdict()
-                    if v is not None and v.token == token:
-                        return v
-                    replace_file(self.dir / "abandoned", token.encode())
-                return None
-            # A file written by another container has no event to wait on here; 0.1 s is nothing beside a compile.
-            time.sleep(poll)
+            replace_file(self.dir / "abandoned", token.encode())
+        return None
 
     def wait_any_verdict(self, since: float, timeout: float, poll: float = 0.1) -> CacheVerdict | None:
         """Ranks other than the requesting one: the first verdict given after `since` (wall clock)."""
+        return self._poll_verdict(lambda v: v.at >= since, timeout, poll)
+
+    def _poll_verdict(self, match: Callable[[CacheVerdict], bool], timeout: float,
+                      poll: float) -> CacheVerdict | None:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while True:
             v = self.verdict()
-            if v is not None and v.at >= since:
+            if v is not None and match(v):
                 return v
+            if time.monotonic() >= deadline:
+                return None
+            # A file written by another container has no event to wait on here; 0.1 s is nothing beside a compile.
             time.sleep(poll)
-        return None
 
     # ------------------------------------------------------------------ sidecar side
     def pending_request(self) -> CacheRequest | None:

@@ -59,27 +59,26 @@ class Config(Settings):
         return rank_address(self.zmq_address, rank)
 
 
-def cache_address(base: str) -> str:
-    """The compile cache's hook sockets beside the engine's: `ipc:///tmp/mx/vllm.sock` -> `.../vllm-cache.sock`
-    (its rank 0: `vllm-cache-0.sock`); `tcp://h:5550` -> `tcp://h:6550` (ranks stay below +1000)."""
+def _beside(base: str, tag: str, port_offset: int) -> str:
+    """An address derived from `base`: ipc paths get `-<tag>` before the extension, tcp ports move by the offset."""
     if base.startswith("ipc://"):
         stem, dot, ext = base.rpartition(".")
         if dot and "/" not in ext:
-            return f"{stem}-cache.{ext}"
-        return f"{base}-cache"
+            return f"{stem}-{tag}.{ext}"
+        return f"{base}-{tag}"
     host, _, port = base.rpartition(":")
-    return f"{host}:{int(port) + 1000}"
+    return f"{host}:{int(port) + port_offset}"
+
+
+def cache_address(base: str) -> str:
+    """The compile cache's hook sockets beside the engine's: `ipc:///tmp/mx/vllm.sock` -> `.../vllm-cache.sock`
+    (its rank 0: `vllm-cache-0.sock`); `tcp://h:5550` -> `tcp://h:6550` (ranks stay below +1000)."""
+    return _beside(base, "cache", 1000)
 
 
 def rank_address(base: str, rank: int) -> str:
     """`ipc:///tmp/mx/vllm.sock` -> `ipc:///tmp/mx/vllm-0.sock`; `tcp://h:5550` -> `tcp://h:5550+rank`."""
-    if base.startswith("ipc://"):
-        stem, dot, ext = base.rpartition(".")
-        if dot and "/" not in ext:
-            return f"{stem}-{rank}.{ext}"
-        return f"{base}-{rank}"
-    host, _, port = base.rpartition(":")
-    return f"{host}:{int(port) + rank}"
+    return _beside(base, str(rank), rank)
 
 
 def cli_config(prog: str) -> Config | None:

@@ -55,8 +55,9 @@ def install_units(paths: list[str], patterns: list[str]) -> dict[str, list[str]]
     return units
 
 
-def _verdict(req: CacheRequest, result: VerdictResult, detail: str, t0: float, installed: list[str] | None = None,
-             files: list[str] | None = None, nbytes: int = 0) -> CacheVerdict:
+def make_verdict(req: CacheRequest, result: VerdictResult, detail: str, t0: float,
+                 installed: list[str] | None = None, files: list[str] | None = None, nbytes: int = 0) -> CacheVerdict:
+    """The answer to `req`, timed from `t0` (monotonic)."""
     return CacheVerdict(VERSION, req.token, result, detail, installed or [], files or [], nbytes,
                         round(time.monotonic() - t0, 3), time.time())
 
@@ -64,8 +65,8 @@ def _verdict(req: CacheRequest, result: VerdictResult, detail: str, t0: float, i
 def fetch(cfg: Config, cache_cfg: Config, req: CacheRequest, ex: Exchange, failpoints: Failpoints) -> CacheVerdict:
     t0 = time.monotonic()
     if not Keyring.from_file(cfg.auth_key_file).enabled:
-        return _verdict(req, "refused", "no MX_AUTH_KEY_FILE: a compile cache is executable code and is installed "
-                                        "only from a record sealed with the deployment key", t0)
+        return make_verdict(req, "refused", "no MX_AUTH_KEY_FILE: a compile cache is executable code and is installed "
+                                            "only from a record sealed with the deployment key", t0)
     ours = key_file_name(req.key)
     seen: dict[str, SourceLayout] = {}
 
@@ -85,12 +86,12 @@ def fetch(cfg: Config, cache_cfg: Config, req: CacheRequest, ex: Exchange, failp
         except SourceNotFound:
             others = sorted(k for k in seen if k)
             if not others:
-                return _verdict(req, "none", f"no live compile cache of {req.model}", t0)
+                return make_verdict(req, "none", f"no live compile cache of {req.model}", t0)
             theirs = parse_key_file_name(others[0]) or {}
-            return _verdict(req, "mismatch", f"{len(others)} live cache key(s), none equal to ours; the first "
-                                             f"differs in " + "; ".join(key_differences(req.key, theirs)), t0)
+            return make_verdict(req, "mismatch", f"{len(others)} live cache key(s), none equal to ours; the first "
+                                                 f"differs in " + "; ".join(key_differences(req.key, theirs)), t0)
         except (FilesError, OSError) as e:
-            return _verdict(req, "failed", f"receive failed: {e}", t0)
+            return make_verdict(req, "failed", f"receive failed: {e}", t0)
         finally:
             rx.shutdown()
         lay = rx.layout
@@ -98,16 +99,16 @@ def fetch(cfg: Config, cache_cfg: Config, req: CacheRequest, ex: Exchange, failp
         failpoints.hit("cache_before_install")  # tests: the engine stops waiting meanwhile
         with ex.locked():  # the engine's "abandoned" and this install never interleave
             if ex.abandoned(req.token):
-                return _verdict(req, "failed", "the engine stopped waiting and compiles on its own; nothing "
-                                               "installed", t0)
+                return make_verdict(req, "failed", "the engine stopped waiting and compiles on its own; nothing "
+                                                   "installed", t0)
             installed, files, present = _install(incoming, ex.root,
                                                  install_units([s.path for r in lay.ranks for s in r], req.units))
         if not installed:
-            return _verdict(req, "present", f"every cache directory is already in {ex.root} ({len(present)}); left "
-                                            "as it is", t0)
-        return _verdict(req, "installed", f"{len(files)} files in {len(installed)} directories"
-                        + (f"; {len(present)} already present, left as they are" if present else ""), t0,
-                        installed, files, got.bytes)
+            return make_verdict(req, "present", f"every cache directory is already in {ex.root} ({len(present)}); "
+                                                "left as it is", t0)
+        return make_verdict(req, "installed", f"{len(files)} files in {len(installed)} directories"
+                            + (f"; {len(present)} already present, left as they are" if present else ""), t0,
+                            installed, files, got.bytes)
     finally:
         shutil.rmtree(incoming, ignore_errors=True)
 

@@ -16,9 +16,9 @@ import os
 import time
 from pathlib import Path
 
-from runtime_hooks.compile_cache import VERSION, CacheRequest, CacheVerdict, Exchange
+from runtime_hooks.compile_cache import CacheRequest, CacheVerdict, Exchange
 from sidecar.compile_cache.child import CacheDaemon, cache_config
-from sidecar.compile_cache.fetch import fetch, install_units
+from sidecar.compile_cache.fetch import fetch, install_units, make_verdict
 from sidecar.compile_cache.publish import CachePublication, cache_files, settle
 from sidecar.compile_cache.ready import wait_ready
 from sidecar.config import Config
@@ -80,8 +80,7 @@ class CacheShare:
         try:
             req = self.ex.pending_request()
             if req is not None and (self.verdict is None or self.verdict.token != req.token):
-                self.ex.answer(CacheVerdict(VERSION, req.token, "failed", f"the sidecar's cache task stopped: {e}",
-                                            [], [], 0, 0.0, time.time()))
+                self.ex.answer(make_verdict(req, "failed", f"the sidecar's cache task stopped: {e}", time.monotonic()))
         except (ValueError, OSError) as err:
             log.warning("compile cache: could not answer the pending request: %s", err)
 
@@ -105,12 +104,12 @@ class CacheShare:
         self.request = req
         log.info("compile cache: the engine asks for %s with key %s", req.model,
                  " ".join(f"{k}={v}" for k, v in sorted(req.key.items())))
+        t0 = time.monotonic()
         try:
             verdict = await asyncio.to_thread(fetch, self.cfg, self.cache_cfg, req, self.ex, self.failpoints)
         except Exception as e:  # an install that broke half-way: say so, never leave the engine waiting
             log.exception("compile cache: fetching failed")
-            verdict = CacheVerdict(VERSION, req.token, "failed", f"{type(e).__name__}: {e}", [], [], 0, 0.0,
-                                   time.time())
+            verdict = make_verdict(req, "failed", f"{type(e).__name__}: {e}", t0)
         await asyncio.to_thread(self.ex.answer, verdict)
         self.verdict, self._verdict_mono = verdict, time.monotonic()
         log.info("phase=compile_cache %.2fs: %s, %s", verdict.seconds, verdict.result, verdict.detail)
