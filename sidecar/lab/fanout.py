@@ -122,7 +122,8 @@ def main() -> int:
                     print(json.dumps(asdict(b)), flush=True)
     table = render(rows)
     print("\n".join(table))
-    out = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]},
+    out = {"date": time.strftime("%Y-%m-%d"),
+           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]},
            "read_delay_s": args.read_delay, "model": SMALL, "rows": [asdict(r) for r in rows], "table": table}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
