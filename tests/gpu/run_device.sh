@@ -22,6 +22,9 @@
 #   bash tests/gpu/run_device.sh take        # only move the carried part(s) aside (a call that carries one part)
 #   bash tests/gpu/run_device.sh pod-life    # engine restart, fallback memory, doctor's CUDA IPC check
 #   bash tests/gpu/run_device.sh fanout      # a burst of four targets on one staging pass (one GPU)
+#   bash tests/gpu/run_device.sh serve       # time to first token: cold, warm cache, target with weights only, target
+#                                            #   with weights + compile caches (needs every carried part; one GPU;
+#                                            #   MX_SERVE_DEADLINE s of rounds, default 330) -> gpu_serve.json
 #
 # What the machine lacks comes as .whl/*.whl (tests/gpu/fetch_wheels.sh) or, with vLLM, as parts of one tar.xz
 # (fetch_wheels.sh pack): each call carries one folder $MX_CARRY/pN (default .gpu-carry); every mode first moves the
@@ -110,11 +113,18 @@ if [ "$MODE" = vllm ] || [ "$MODE" = vllm-only ]; then
     tail -25 "$RAW/vllm_$kv.txt" | tee -a "$SUMMARY"
   done
 fi
-if [ "$MODE" = fanout ]; then
+if [ "$MODE" = fanout ] || [ "$MODE" = fanout-serve ]; then
   echo "== a burst on one GPU: four targets read one staging pass through CUDA IPC" | tee -a "$SUMMARY"
   timeout 500 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_gpu_fanout.py 2>&1 | tail -40 | tee -a "$SUMMARY"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
   cat "$OUT/gpu_fanout.json" 2>/dev/null | tee -a "$SUMMARY"
+fi
+if [ "$MODE" = serve ] || [ "$MODE" = fanout-serve ]; then
+  echo "== time to serve: vLLM's compile caches beside the weights (no enforce_eager)" | tee -a "$SUMMARY"
+  timeout "${MX_SERVE_TIMEOUT:-560}" python3 tests/gpu/serve_bench.py --deadline "${MX_SERVE_DEADLINE:-330}" \
+    > "$RAW/serve.txt" 2>&1 || rc=1
+  grep -E "^(SOURCE|START|SERVE BENCH)" "$RAW/serve.txt" | cut -c1-600 | tee -a "$SUMMARY"
+  tail -40 "$RAW/serve.txt" | tee -a "$SUMMARY"
 fi
 if [ "$MODE" = pod-life ]; then
   echo "== the pod's life on a GPU: engine restart, fallback after a failed receive, doctor's CUDA IPC check" | tee -a "$SUMMARY"

@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="without enforce_eager: vLLM runs torch.compile")
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--ready-file", default="", help="created once the engine is ready (MX_ENGINE_READY_URL=file://)")
+    p.add_argument("--first-token", action="store_true", help="time one 1-token request right after ready")
     p.add_argument("--check", default="", help="a function of tests.vllm.worker_checks to run in every worker")
     a = p.parse_args(argv)
 
@@ -89,9 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.ready_file:
         with open(a.ready_file, "x"):  # what a readiness probe would see: the engine answers
             pass
+    line: dict[str, Any] = {"ready_s": round(ready_s, 2)}
+    if a.first_token:  # time to first token: process start -> the first request's one token
+        llm.generate([{"prompt_token_ids": PROMPT}], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+        line["first_token_s"] = round(time.monotonic() - T0, 3)
     out = llm.generate([{"prompt_token_ids": PROMPT}],
                        SamplingParams(temperature=0, max_tokens=a.max_tokens, ignore_eos=True), use_tqdm=False)
-    line: dict[str, Any] = {"ready_s": round(ready_s, 2), "tokens": list(out[0].outputs[0].token_ids)}
+    line["tokens"] = list(out[0].outputs[0].token_ids)
     if not a.no_digests:
         line["ranks"] = {r["rank"]: r for r in llm.collective_rpc(report)}
     print("MX_RESULT " + json.dumps(line), flush=True)
