@@ -39,6 +39,7 @@ from sidecar.failpoints import FailpointError
 from sidecar.metrics import Metrics
 from sidecar.recovery import finish_partial_release, take_over_orphans, wait_for_loads
 from sidecar.roles import decide, renew_lease
+from sidecar.serve_clock import ServeClock
 from sidecar.target.attempts import receive_from_any
 from sidecar.target.receiver import Result
 
@@ -46,9 +47,9 @@ SHUTDOWN_LIMIT_S = 10.0  # a teardown (withdraw, close agents and sockets) takes
 
 
 class Daemon:
-    def __init__(self, parts: Parts, cache: CacheShare | None = None) -> None:
+    def __init__(self, parts: Parts, clock: ServeClock | None = None) -> None:
         self.p = parts
-        self.cache = cache
+        self.clock = clock
         self.log = parts.log
         self._t_start = time.monotonic()
         self._released = False
@@ -295,18 +296,18 @@ class Daemon:
             dt = time.monotonic() - self._t_start
             self.p.metrics.time_to_ready.labels(self.p.engine.model, self._role).set(dt)
             self.log.info("engine released %.2fs after sidecar start", dt)
-            if self.cache is not None:
-                self.cache.released(self._role)
+            if self.clock is not None:
+                self.clock.released(self.p.engine.model, self._role)
 
 
-def _cache_ended(metrics: Metrics, task: asyncio.Task[None]) -> None:
-    """The compile cache is an optimisation: its failure is logged and counted, the weights' life goes on (a
-    waiting engine got a "failed" verdict, or stops waiting after MX_COMPILE_CACHE_WAIT, and compiles)."""
+def _side_task_ended(metrics: Metrics, what: str, task: asyncio.Task[None]) -> None:
+    """The compile cache and the serve clock are side tasks: a failure is logged and counted, the weights' life goes
+    on (a waiting engine got a "failed" verdict, or stops waiting after MX_COMPILE_CACHE_WAIT, and compiles)."""
     if task.cancelled() or (e := task.exception()) is None:
         return
-    metrics.task_failures.labels("?", "compile_cache").inc()
-    logging.getLogger("mx.compile_cache").error("compile cache: stopped: %s: %s (the engine compiles on its own)",
-                                                type(e).__name__, e)
+    metrics.task_failures.labels("?", what).inc()
+    logging.getLogger(f"mx.{what}").error("%s: stopped: %s: %s (the weights' life goes on)", what,
+                                          type(e).__name__, e)
 
 
 def run_daemon(cfg: Config) -> int:
@@ -314,16 +315,21 @@ def run_daemon(cfg: Config) -> int:
 
     async def go() -> int:
         carried = None
-        cache: CacheShare | None = None
-        cache_task: asyncio.Task[None] | None = None
+        clock: ServeClock | None = None
+        side: list[asyncio.Task[None]] = []  # one of each per process: they outlive an engine's life
         try:
             while True:
                 parts = build(cfg, carried)
-                if cfg.compile_cache_dir and cache is None:  # one per process: it outlives an engine's life
-                    cache = CacheShare(cfg, parts.metrics)
-                    cache_task = asyncio.create_task(cache.run(), name="compile-cache")
-                    cache_task.add_done_callback(functools.partial(_cache_ended, parts.metrics))
-                daemon = Daemon(parts, cache)
+                if not side:
+                    if cfg.engine_ready_url:
+                        clock = ServeClock(cfg.engine_ready_url, cfg.poll_interval, parts.metrics)
+                        side.append(asyncio.create_task(clock.run(), name="serve_clock"))
+                    if cfg.compile_cache_dir:
+                        cache = CacheShare(cfg, parts.metrics, clock)
+                        side.append(asyncio.create_task(cache.run(), name="compile_cache"))
+                    for t in side:
+                        t.add_done_callback(functools.partial(_side_task_ended, parts.metrics, t.get_name()))
+                daemon = Daemon(parts, clock)
                 code = await daemon.run()
                 if not daemon.starts_over:
                     return code
@@ -331,8 +337,8 @@ def run_daemon(cfg: Config) -> int:
                 parts.metrics.engine_restarts.labels(parts.engine.model, reason).inc()
                 carried = (parts.metrics, parts.http)
         finally:
-            if cache_task is not None:
-                cache_task.cancel()
-                await asyncio.gather(cache_task, return_exceptions=True)
+            for t in side:
+                t.cancel()
+            await asyncio.gather(*side, return_exceptions=True)
 
     return uvloop.run(go())

@@ -1,7 +1,7 @@
 """The compile cache's part of a replica's life, beside the weights' (one per daemon process, across engine lives):
 
   start the cache's sidecar -> answer each engine request (fetch.py: find, receive, verify, install) ->
-  engine ready (MX_ENGINE_READY_URL): time to serve by phase, and whether the engine used what was installed ->
+  engine serves (sidecar/serve_clock.py): whether the engine used what was installed ->
   the root settles -> publish this replica's cache (publish.py) until the daemon stops.
 
 An optimisation only: every failure here is logged, counted and ends in "the engine compiles as it would have"
@@ -20,10 +20,10 @@ from runtime_hooks.compile_cache import CacheRequest, CacheVerdict, Exchange
 from sidecar.compile_cache.child import CacheDaemon, cache_config
 from sidecar.compile_cache.fetch import fetch, install_units, make_verdict
 from sidecar.compile_cache.publish import CachePublication, cache_files, settle
-from sidecar.compile_cache.ready import wait_ready
 from sidecar.config import Config
 from sidecar.failpoints import Failpoints
 from sidecar.metrics import Metrics
+from sidecar.serve_clock import ServeClock
 
 log = logging.getLogger("mx.compile_cache")
 
@@ -32,26 +32,18 @@ SETTLE_LIMIT_S = 600.0  # a root still changing after 10 min of serving is not a
 
 
 class CacheShare:
-    def __init__(self, cfg: Config, metrics: Metrics) -> None:
+    def __init__(self, cfg: Config, metrics: Metrics, clock: ServeClock | None) -> None:
         self.cfg = cfg
         self.cache_cfg = cache_config(cfg)
         self.metrics = metrics
+        self.clock = clock  # None without MX_ENGINE_READY_URL: installs, never publishes
         self.root = Path(cfg.compile_cache_dir)
         self.ex = Exchange(self.root)
-        self.t0 = time.monotonic()
-        self.released_at: float | None = None
-        self.role = "unknown"
         self.request: CacheRequest | None = None
         self.verdict: CacheVerdict | None = None
-        self._verdict_mono: float | None = None
         self._daemon = CacheDaemon(cfg)
         self.failpoints = Failpoints(cfg.test_failpoints)
         self._publication: CachePublication | None = None
-
-    def released(self, role: str) -> None:
-        """The weights' life released the engine (called by the daemon)."""
-        self.released_at = time.monotonic()
-        self.role = role
 
     @property
     def model(self) -> str:
@@ -111,20 +103,21 @@ class CacheShare:
             log.exception("compile cache: fetching failed")
             verdict = make_verdict(req, "failed", f"{type(e).__name__}: {e}", t0)
         await asyncio.to_thread(self.ex.answer, verdict)
-        self.verdict, self._verdict_mono = verdict, time.monotonic()
+        self.verdict = verdict
+        if self.clock is not None:  # the engine waited for this verdict, whatever it says
+            self.clock.cache_answered(req.model, verdict.seconds, time.monotonic())
         log.info("phase=compile_cache %.2fs: %s, %s", verdict.seconds, verdict.result, verdict.detail)
         if verdict.result != "installed":  # installed: hit or miss once the engine serves
             self.metrics.compile_cache.labels(req.model, verdict.result).inc()
 
     # ------------------------------------------------------------------ once the engine serves
     async def _after_ready(self) -> None:
-        if not self.cfg.engine_ready_url:
+        if self.clock is None:
             log.warning("compile cache: MX_ENGINE_READY_URL is empty: caches are installed, never published, and "
                         "the time to serve is not measured")
             return
-        await wait_ready(self.cfg.engine_ready_url, self.cfg.poll_interval)
-        t_ready = time.monotonic()
-        self._time_to_serve(t_ready)
+        await self.clock.serving.wait()
+        t_ready = self.clock.ready_at or time.monotonic()
         await asyncio.to_thread(self._judge_install)
         if self.request is None:
             log.info("compile cache: the engine asked for none (it does not compile, or its plugin is off): "
@@ -150,24 +143,6 @@ class CacheShare:
         log.info("phase=compile_cache_publish %.2fs after ready: %d files, %.1f MB, key %s",
                  time.monotonic() - t_ready, len(snap), nbytes / 1e6,
                  " ".join(f"{k}={v}" for k, v in sorted(self.request.key.items())))
-
-    def _time_to_serve(self, t_ready: float) -> None:
-        total = t_ready - self.t0
-        phases: dict[str, float] = {}
-        start_engine = self.t0
-        if self.released_at is not None:
-            phases["weights"] = self.released_at - self.t0
-            start_engine = self.released_at
-        v = self.verdict
-        if v is not None and self._verdict_mono is not None:
-            phases["cache_install"] = v.seconds
-            start_engine = max(start_engine, self._verdict_mono)
-        phases["engine"] = t_ready - start_engine
-        self.metrics.time_to_serve.labels(self.model, self.role).set(total)
-        for name, s in phases.items():
-            self.metrics.time_to_serve_phase.labels(self.model, name).set(s)
-        log.info("phase=serve %.2fs: the engine answers %s (%s)", total, self.cfg.engine_ready_url,
-                 ", ".join(f"{k} {s:.2f}s" for k, s in phases.items()))
 
     def _judge_install(self) -> None:
         """Installed, then: a hit when the engine wrote nothing into the cache directories beside what came,
