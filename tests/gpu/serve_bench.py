@@ -116,12 +116,12 @@ class Bench:
             if rep.sidecar is not None:
                 row["sidecar_phases_log"] = [ln.split("phase=", 1)[1][:160] for ln in rep.sidecar.lines
                                              if "phase=" in ln][-12:]
-            if kind == "tgt_caches" and rep.sidecar is not None:  # only a sidecar with a cache root times the serve
                 sm = SERVE.search(rep.sidecar.wait_for(r"phase=serve .*", 60).group(0))
                 if sm:
                     row["sidecar_serve_s"] = float(sm.group(1))
                     row["sidecar_phases"] = {k: float(v.rstrip("s")) for k, v in
                                              (part.strip().split(" ", 1) for part in sm.group(2).split(","))}
+            if kind == "tgt_caches" and rep.sidecar is not None:
                 verdict = rep.sidecar.wait_for(r"phase=compile_cache [\d.]+s: (\w+).*", 60)
                 row["cache_verdict"] = verdict.group(0).split("phase=", 1)[1][:300]
                 row["sidecar_said"] = (rep.sidecar.wait_for(r"compile cache: (hit|miss)", 30).group(1)
