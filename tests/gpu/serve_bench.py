@@ -114,8 +114,6 @@ class Bench:
             res = rep.result(self.a.timeout)
             row.update(first_token_s=res.get("first_token_s"), ready_s=res["ready_s"], tokens=res["tokens"])
             if rep.sidecar is not None:
-                row["sidecar_phases_log"] = [ln.split("phase=", 1)[1][:160] for ln in rep.sidecar.lines
-                                             if "phase=" in ln][-12:]
                 sm = SERVE.search(rep.sidecar.wait_for(r"phase=serve .*", 60).group(0))
                 if sm:
                     row["sidecar_serve_s"] = float(sm.group(1))
@@ -126,6 +124,9 @@ class Bench:
                 row["cache_verdict"] = verdict.group(0).split("phase=", 1)[1][:300]
                 row["sidecar_said"] = (rep.sidecar.wait_for(r"compile cache: (hit|miss)", 30).group(1)
                                        if verdict.group(1) == "installed" else verdict.group(1))
+            if rep.sidecar is not None:
+                row["sidecar_phases_log"] = [ln.split("phase=", 1)[1][:160] for ln in rep.sidecar.lines
+                                             if "phase=" in ln][-14:]
             row["vllm"] = _vllm_figures(rep.engine.lines)
             row["vllm_said"] = _vllm_said(rep.engine.lines)
             row["root_mb"] = _tree(root)
