@@ -164,7 +164,21 @@ def _medians(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def merge(paths: list[str], out: str) -> None:
+    """Several calls' gpu_serve.json (one machine each, named in "calls") -> one file with medians over all rows."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    rows = [{**r, "call": i} for i, run in enumerate(runs) for r in run["rows"]]
+    merged = {**{k: v for k, v in runs[0].items() if k not in ("rows", "medians", "source", "wall_s")},
+              "calls": [{k: run.get(k) for k in ("device", "date", "wall_s", "source")} for run in runs],
+              "rows": rows, "medians": _medians(rows)}
+    Path(out).write_text(json.dumps(merged, indent=1) + "\n")
+    print(json.dumps(merged["medians"], indent=1))
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["merge"]:  # serve_bench.py merge OUT.json IN.json [IN.json ...]
+        merge(sys.argv[3:], sys.argv[2])
+        return 0
     from sidecar.lab.embedded_redis import EmbeddedRedis
     from tests.vllm.tiny_llama import make_tiny_llama
 
