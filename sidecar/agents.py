@@ -11,7 +11,7 @@ from sidecar.contract.messages import CudaIpcHandle, Manifest
 from sidecar.coordinator import Coordinator
 from sidecar.engine import EngineRanks
 from sidecar.errors import CoordinatorUnavailable
-from sidecar.failpoints import Failpoints
+from sidecar.failpoints import FailpointError, Failpoints
 from sidecar.logs import Ctx
 from sidecar.memory.prefetch import HandlePrefetch
 from sidecar.memory.rank_memory import RankMemory
@@ -43,6 +43,10 @@ class Agents:
         if n:
             preload_torch()  # `import torch` took 2.4-4.9 s on the GPU machines: overlap it with the engine's start
         wanted = {("VRAM", i) for i in range(n)} if n else {("DRAM", 0)}
+        try:
+            self._fp.hit("agents_early")
+        except FailpointError:  # tests: nothing ahead, as host memory on a GPU machine (made at import)
+            wanted = set()
         self._early = asyncio.get_running_loop().create_task(self.ensure(wanted))
 
     async def ensure(self, wanted: set[tuple[str, int]]) -> None:
@@ -61,16 +65,14 @@ class Agents:
         if self._early is not None:
             await self._early
 
-    def transport_for(self, m: Manifest) -> Transport | None:
-        """The agent a rank's memory will be registered with, known before the engine prepares: host memory, or
-        the GPU of the handles the engine offered (none offered: unknown until exposed)."""
-        if m.memory_kind == "shm":
-            return self.transports.get(("DRAM", 0))
-        if m.handles and isinstance(m.handles[0], CudaIpcHandle):
-            from sidecar.memory.cuda import device_index_for_uuid
+    def kinds_for(self, manifests: list[Manifest]) -> set[tuple[str, int]]:
+        """The agents these ranks' memory will be registered with."""
+        return {k for m in manifests if (k := _kind_of(m)) is not None}
 
-            return self.transports.get(("VRAM", device_index_for_uuid(m.handles[0].device_uuid)))
-        return None
+    def transport_for(self, m: Manifest) -> Transport | None:
+        """The agent a rank's memory will be registered with, known before the engine prepares."""
+        k = _kind_of(m)
+        return self.transports.get(k) if k is not None else None
 
     async def import_ranks(self, manifests: list[Manifest], old: dict[int, RankMemory], model: str,
                            metrics: Metrics, log: Ctx) -> dict[int, RankMemory]:
@@ -141,3 +143,14 @@ class Agents:
             await self.prefetch.aclose()
         for tr in self.transports.values():
             tr.close()
+
+
+def _kind_of(m: Manifest) -> tuple[str, int] | None:
+    """Host memory, or the GPU of the handles the engine offered (none offered: unknown until exposed)."""
+    if m.memory_kind == "shm":
+        return ("DRAM", 0)
+    if m.handles and isinstance(m.handles[0], CudaIpcHandle):
+        from sidecar.memory.cuda import device_index_for_uuid
+
+        return ("VRAM", device_index_for_uuid(m.handles[0].device_uuid))
+    return None

@@ -127,7 +127,11 @@ class Daemon:
         self.log.info("phase=prepare_target %.2fs", time.monotonic() - t0)
         await ahead
         # Published before engine memory is registered: the source needs it only to answer us, and a holder of
-        # metadata that lists registered memory can WRITE it (docs/SECURITY-NIXL.md).
+        # metadata that lists registered memory can WRITE it (docs/SECURITY-NIXL.md). Every agent the import will
+        # use exists by then: measured on an H100, the compile cache's file receive made its host-memory agent at
+        # import, after this put; the source refused its Hello ("no metadata for agent") and the receive failed.
+        await p.agents.ready()
+        await p.agents.ensure(p.agents.kinds_for(manifests))
         await p.agents.put_all(p.coord)
         refresh = p.sup.spawn("agent_refresh", p.agents.keep_published(p.coord, p.cfg.source_ttl / 3, self.log))
         ranks = await p.agents.import_ranks(manifests, p.publisher.ranks, p.engine.model, p.metrics, self.log)

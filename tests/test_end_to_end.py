@@ -81,6 +81,20 @@ def test_first_replica_loads_from_storage_and_second_receives_identical_bytes_tp
     assert res_a[0]["digests"] != res_a[1]["digests"], "ranks must hold different shards"
 
 
+def test_a_target_whose_agent_is_made_only_at_import_publishes_it_before_its_hello_and_receives(replicas):
+    """On a GPU machine the agents made ahead are the GPUs'; a receive into host memory (the compile cache's files)
+    makes its agent at import. Measured on an H100: that agent's metadata was never put, the source refused the
+    Hello ("no metadata for agent") and the target fell back after its Welcome timeout. The failpoint makes no
+    agent ahead, so the same happens on the CPU."""
+    a = replicas("a")
+    a.engine_results()
+    a.wait_serving()
+    b = replicas("b", extra_env={"MX_TEST_FAILPOINTS": "agents_early=raise"})
+    res_b = b.engine_results()
+    assert [res_b[r]["outcome"] for r in (0, 1)] == ["received", "received"]
+    assert a.sidecar is not None and not any("no metadata for agent" in ln for ln in a.sidecar.lines)
+
+
 def test_a_third_replica_copies_from_a_target_turned_source(replicas, redis_server):
     a = replicas("a")
     a.engine_results()
