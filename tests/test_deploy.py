@@ -216,6 +216,7 @@ def test_vllm_pods_share_the_compile_cache_root_and_the_sidecar_watches_the_engi
     env_s, env_e = _env(objs, side), _env(objs, eng)
     root = env_e["MX_COMPILE_CACHE_DIR"]
     assert env_e["VLLM_CACHE_ROOT"] == root == env_s["MX_COMPILE_CACHE_DIR"], "vLLM must find what is installed"
+    assert env_e["TRITON_CACHE_DIR"].startswith(root + "/"), "Triton's kernels travel only inside the root"
     vols = {v["name"]: v for v in _pod(objs)["spec"]["volumes"]}
     shared = [m["name"] for m in eng["volumeMounts"] if m["mountPath"] == root]
     assert shared and _mount(side, shared[0]) == root and "emptyDir" in vols[shared[0]]
