@@ -53,6 +53,28 @@ def _vllm_figures(lines: list[str]) -> dict[str, float]:
     return out
 
 
+STAMP = re.compile(r"(?:INFO|WARNING|DEBUG) (\d\d-\d\d \d\d:\d\d:\d\d) ")
+# Marks in vLLM's log between which a phase of its start lies (1 s resolution: vLLM logs whole seconds).
+MARKS = [("plugins", r"load formats mx-sidecar"), ("args", r"non-default args"),
+         ("architecture", r"Resolved architecture"), ("engine_core", r"Initializing a V1 LLM engine"),
+         ("loading", r"Loading model from scratch|Starting to load model"),
+         ("loaded", r"Model loading took"), ("init_done", r"init engine \(profile")]
+
+
+def _vllm_timeline(lines: list[str], started: float) -> dict[str, float]:
+    """Seconds from the process start to each mark (the model-class inspection lies between args and
+    architecture: vLLM runs it in a subprocess unless modelinfos/ has it)."""
+    year = time.localtime(started).tm_year
+    out: dict[str, float] = {}
+    for name, pat in MARKS:
+        for ln in lines:
+            if re.search(pat, ln) and (m := STAMP.search(ln)):
+                t = time.mktime(time.strptime(f"{year}-{m.group(1)}", "%Y-%m-%d %H:%M:%S"))
+                out[name] = round(t - started, 1)
+                break
+    return out
+
+
 def _vllm_said(lines: list[str]) -> str:
     text = "\n".join(lines)
     loaded = "Directly load the compiled graph" in text or "Directly load AOT compilation" in text
@@ -107,6 +129,7 @@ class Bench:
         name = f"{kind}-{self.n}"
         root = root or self._root(name)
         sidecar = kind.startswith("tgt")
+        started = time.time()
         rep = self.start(name, root, sidecar=sidecar, cache=kind == "tgt_caches",
                          load_format="mx-sidecar" if sidecar else "auto")
         row: dict[str, Any] = {"kind": kind, "name": name}
@@ -129,6 +152,7 @@ class Bench:
                                              if "phase=" in ln][-14:]
             row["vllm"] = _vllm_figures(rep.engine.lines)
             row["vllm_said"] = _vllm_said(rep.engine.lines)
+            row["timeline"] = _vllm_timeline(rep.engine.lines, started)
             row["root_mb"] = _tree(root)
         except Exception as e:
             row["error"] = repr(e)[-800:]
@@ -156,6 +180,9 @@ def _medians(rows: list[dict[str, Any]]) -> dict[str, Any]:
         for ph in {p for r in ok for p in r.get("sidecar_phases", {})}:
             vals = [r["sidecar_phases"][ph] for r in ok if ph in r.get("sidecar_phases", {})]
             med[f"phase_{ph}_s"] = round(statistics.median(vals), 2)
+        for mark in {k for r in ok for k in r.get("timeline", {})}:
+            vals = [r["timeline"][mark] for r in ok if mark in r.get("timeline", {})]
+            med[f"at_{mark}_s"] = round(statistics.median(vals), 1)
         out[kind] = med
     floor = out.get("warm", {}).get("first_token_s")
     if floor:
