@@ -297,6 +297,7 @@ def main() -> int:
                         warm_root = bench.copy_root(src_root)
                     row, _ = bench.run_one(kind, warm_root if kind == "warm" else None)
                     made.append(row)
+                    (out_dir / "gpu_serve.json").write_text(json.dumps({**rep, "partial": rows + made}, indent=1))
                 for r in made:
                     r["round"] = rnd
                     r["tokens_equal_source"] = r.get("tokens") == tokens
