@@ -183,15 +183,11 @@ def _medians(rows: list[dict[str, Any]]) -> dict[str, Any]:
         med: dict[str, Any] = {"n": len(ok),
                                "first_token_s": round(statistics.median(r["first_token_s"] for r in ok), 2),
                                "ready_s": round(statistics.median(r["ready_s"] for r in ok), 2)}
-        for fig in {f for r in ok for f in r.get("vllm", {})}:
-            vals = [r["vllm"][fig] for r in ok if fig in r.get("vllm", {})]
-            med[f"vllm_{fig}"] = round(statistics.median(vals), 2)
-        for ph in {p for r in ok for p in r.get("sidecar_phases", {})}:
-            vals = [r["sidecar_phases"][ph] for r in ok if ph in r.get("sidecar_phases", {})]
-            med[f"phase_{ph}_s"] = round(statistics.median(vals), 2)
-        for mark in {k for r in ok for k in r.get("timeline", {})}:
-            vals = [r["timeline"][mark] for r in ok if mark in r.get("timeline", {})]
-            med[f"at_{mark}_s"] = round(statistics.median(vals), 1)
+        for field, name, digits in (("vllm", "vllm_{}", 2), ("sidecar_phases", "phase_{}_s", 2),
+                                    ("timeline", "at_{}_s", 1)):
+            for k in {k for r in ok for k in r.get(field, {})}:
+                vals = [r[field][k] for r in ok if k in r.get(field, {})]
+                med[name.format(k)] = round(statistics.median(vals), digits)
         out[kind] = med
     floor = out.get("warm", {}).get("first_token_s")
     if floor:
