@@ -16,8 +16,8 @@ import asyncio
 import logging
 import time
 
-from sidecar.compile_cache.ready import wait_ready
 from sidecar.metrics import Metrics
+from sidecar.ready import wait_ready
 
 log = logging.getLogger("mx.serve")
 
