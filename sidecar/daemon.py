@@ -102,14 +102,16 @@ class Daemon:
         t0 = time.monotonic()
         renew = p.sup.spawn("lease_renewal", renew_lease(p.cfg, p.coord, p.engine.fp, p.engine.model, p.metrics,
                                                          self.log)) if lease else None
+        # The lease is kept until the record is in Redis, not only through the load: in CI (2 cores) a seeder's
+        # import and checksum outlasted the 3 s lease, a waiting replica took it and read storage a second time.
         try:
             manifests = await p.engine.all("load_from_storage", p.cfg.load_timeout)
+            self.log.info("phase=load_from_storage %.2fs", time.monotonic() - t0)
+            self._release_noted()
+            await p.publisher.become_source(manifests, verified=False)
         finally:
             if renew is not None:
                 renew.cancel()
-        self.log.info("phase=load_from_storage %.2fs", time.monotonic() - t0)
-        self._release_noted()
-        await p.publisher.become_source(manifests, verified=False)
         if lease:
             with contextlib.suppress(CoordinatorUnavailable):
                 await p.coord.release_seed(p.engine.fp)

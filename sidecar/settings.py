@@ -283,7 +283,7 @@ class Settings:
     load_timeout: float = setting("MX_LOAD_TIMEOUT", 3600.0, _positive_seconds,
         "Seconds an engine may take to load from storage or prepare a target.")
     seed_lease_ttl: float = setting("MX_SEED_LEASE_TTL", 15.0, _positive_seconds,
-        "Seconds a seeding lease lives without renewal (renewed every third of it).")
+        "Seconds a seeding lease lives without renewal (renewed every third of it while the seeder loads, publishes).")
     seed_wait_timeout: float = setting("MX_SEED_WAIT_TIMEOUT", 1800.0, _positive_seconds,
         "Seconds a replica waits for another replica's seeding before it loads from storage itself.")
     heartbeat_interval: float = setting("MX_HEARTBEAT_INTERVAL", 2.0, _positive_seconds,

@@ -186,7 +186,19 @@ def test_staged_mode_moves_identical_bytes_through_a_small_ring_on_cpu(replicas)
 def test_replicas_started_together_read_storage_once(replicas):
     reps = [replicas(n) for n in ("a", "b", "c")]
     outcomes = sorted(rep.engine_results(timeout=120)[0]["outcome"] for rep in reps)
-    assert outcomes == ["loaded", "received", "received"]
+    why = [line for rep in reps for line in rep.sidecar.lines if " WARNING " in line or "phase=role" in line]
+    assert outcomes == ["loaded", "received", "received"], "\n".join(why)
+
+
+def test_a_seeder_whose_publish_outlasts_its_lease_keeps_it_and_the_next_replica_receives(replicas):
+    # The lease is 3 s (FAST_ENV); the publish is held 5 s. A lease renewed only through the load expired here and
+    # the second replica read storage too.
+    a = replicas("a", extra_env={"MX_TEST_FAILPOINTS": "before_publish=sleep:5"})
+    a.sidecar.wait_for(r"phase=load_from_storage", 30)
+    b = replicas("b")
+    assert a.engine_results()[0]["outcome"] == "loaded"
+    assert [b.engine_results(timeout=60)[r]["outcome"] for r in (0, 1)] == ["received", "received"]
+    assert not any("seeding lease lost" in line for line in a.sidecar.lines)
 
 
 def test_redis_down_still_starts_the_engine_from_storage(replicas, redis_server):

@@ -108,6 +108,7 @@ class Publisher:
         if self._watch not in self.engine.observers:
             self.engine.observers.append(self._watch)
         try:
+            await self.failpoints.ahit("before_publish")  # tests: a publish that outlasts the seeding lease
             await self.agents.put_all(self.coord)
             await self.coord.publish(self._record, self.agents.names())
             self.published = True
