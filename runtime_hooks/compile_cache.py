@@ -5,6 +5,8 @@ sidecar looks for a live source of a cache with exactly that key, receives it (p
 runtime_hooks/files), installs it atomically and answers with `verdict.json`; the engine waits for the verdict
 before it compiles, and compiles on its own when none comes in time (it then marks the request abandoned, and the
 sidecar installs nothing for it). Both files live in `<root>/.mx-exchange/` (created 0700), written whole by rename.
+A request of stage "ahead" comes first, before the engine builds its config, for the few files it reads then (vLLM:
+modelinfos/); its key holds only the fields known then and matches any cache that agrees on them.
 
 Engine-agnostic: a key is a mapping of named strings (vLLM: its version, the config hash it computes itself, torch,
 Triton, the GPU architecture); the sidecar compares keys field by field and never interprets them. The key is also
@@ -29,8 +31,9 @@ import msgspec
 
 from runtime_hooks.atomic_file import replace_file
 
-__all__ = ["EXCHANGE_DIR", "KEY_DIR", "CacheRequest", "CacheVerdict", "Exchange", "VerdictResult", "cache_model",
-           "check_units", "key_differences", "key_file_name", "parse_key_file_name", "unit_of"]
+__all__ = ["EXCHANGE_DIR", "KEY_DIR", "CacheRequest", "CacheVerdict", "Exchange", "Stage", "VerdictResult",
+           "cache_model", "check_units", "key_covers", "key_differences", "key_file_name", "parse_key_file_name",
+           "unit_of", "wanted"]
 
 VERSION = 1
 EXCHANGE_DIR = ".mx-exchange"  # never published, never written by a receive (".mx-" paths are refused in records)
@@ -40,6 +43,7 @@ MAX_KEY_FIELDS = 16
 _FIELD = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 VerdictResult = Literal["installed", "none", "mismatch", "refused", "failed", "present"]
+Stage = Literal["compile", "ahead"]
 
 
 class CacheRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -49,6 +53,11 @@ class CacheRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     key: dict[str, str]
     units: list[str]  # what installs whole: directory patterns, one glob per component (see unit_of)
     at: float  # wall clock (both containers share the node's clock)
+    # "compile": the engine's full key, before it compiles. "ahead": before the engine even builds its config (vLLM:
+    # the model-class inspection it caches in modelinfos/); the key is a subset of a cache's key and only files
+    # matching `only` install. The sidecar keeps what an "ahead" receive brought for the "compile" request after it.
+    stage: Stage = "compile"
+    only: list[str] = []  # file globs (fnmatch on the whole relative path); empty: everything
 
 
 class CacheVerdict(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -97,14 +106,25 @@ def parse_key_file_name(path: str) -> dict[str, str] | None:
     return out or None
 
 
-def check_units(units: list[str]) -> None:
+def check_units(units: list[str], what: str = "unit") -> None:
     if len(units) > 8:
-        raise ValueError("at most 8 unit patterns")
+        raise ValueError(f"at most 8 {what} patterns")
     for u in units:
         parts = u.split("/")
         if not u or len(u) > 128 or u.startswith("/") or any(p in ("", ".", "..") for p in parts) \
                 or parts[0].startswith(".mx-"):
-            raise ValueError(f"unit pattern {u[:80]!r} is not a relative directory pattern")
+            raise ValueError(f"{what} pattern {u[:80]!r} is not a relative path pattern")
+
+
+def wanted(path: str, only: list[str]) -> bool:
+    """Whether a request that installs `only` (file globs; empty: all) takes `path`."""
+    return not only or any(fnmatch.fnmatchcase(path, o) for o in only)
+
+
+def key_covers(theirs: Mapping[str, str], ours: Mapping[str, str]) -> bool:
+    """A source's key (as its key file spells it) agrees with every field of `ours`: what an "ahead" request, which
+    knows only some fields, matches on."""
+    return all(theirs.get(k) == (_UNSAFE.sub("_", v) or "_") for k, v in ours.items())
 
 
 def unit_of(path: str, units: list[str]) -> str:
@@ -153,11 +173,14 @@ class Exchange:
             os.close(fd)
 
     # ------------------------------------------------------------------ engine side
-    def request(self, model: str, key: Mapping[str, str], units: list[str]) -> CacheRequest:
+    def request(self, model: str, key: Mapping[str, str], units: list[str], stage: Stage = "compile",
+                only: list[str] | None = None) -> CacheRequest:
         _check_key(key)
         check_units(units)
+        check_units(only or [], "file")
         self.ensure()
-        req = CacheRequest(VERSION, secrets.token_hex(8), model, dict(key), list(units), time.time())
+        req = CacheRequest(VERSION, secrets.token_hex(8), model, dict(key), list(units), time.time(), stage,
+                           list(only or []))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.dir / "verdict.json")  # an earlier life's answer is not this request's
         replace_file(self.dir / "request.json", msgspec.json.encode(req))
@@ -207,6 +230,7 @@ class Exchange:
             raise ValueError(f"{self.dir}/request.json: version {req.v}, this sidecar speaks {VERSION}")
         _check_key(req.key)
         check_units(req.units)
+        check_units(req.only, "file")
         return None if self.abandoned(req.token) else req
 
     def abandoned(self, token: str) -> bool:

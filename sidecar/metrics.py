@@ -63,6 +63,12 @@ class Metrics:
         # refused (no deployment key: caches are code) | failed (receive or install failed; the engine compiles)
         self.compile_cache = Counter("mx_compile_cache", "Compile cache requests of an engine, by result",
                                      ["model", "result"], registry=r)
+        # The "ahead" request (vLLM: modelinfos/, read before the engine builds its config): installed | present |
+        # none | mismatch | refused | failed, as above; used | rewritten once the engine serves (it kept the files, or
+        # wrote its own over them: they did not fit its code).
+        self.compile_cache_ahead = Counter("mx_compile_cache_ahead", "Requests for what an engine reads before it "
+                                           "builds its config (vLLM: modelinfos/), by result", ["model", "result"],
+                                           registry=r)
         self.compile_cache_published = Gauge("mx_compile_cache_published",
                                               "1 while this replica serves its compile cache", ["model"], registry=r)
         self.time_to_serve = Gauge("mx_time_to_serve_seconds", "Sidecar start to the engine answering its ready URL "

@@ -5,7 +5,9 @@ profiling, graph capture) is most of it (docs/BENCHMARKS.md). Measured for every
 with or without a compile cache; once per sidecar process (an engine restarted under a running sidecar is counted by
 mx_engine_restarts_total, not timed again).
 
-  weights        sidecar start -> the engine released (source: loaded from storage; target: received, verified)
+  cache_ahead    the engine's wait for what it reads before it builds its config (vLLM: modelinfos/), when asked
+  weights        sidecar start -> the engine released (source: loaded from storage; target: received, verified),
+                 less cache_ahead (the engine had not started its load then)
   cache_install  the compile cache's look, receive and install, when one was asked for (overlaps the weights)
   engine         the later of release and install -> ready: the engine's compile, profiling, graph capture
 """
@@ -32,6 +34,7 @@ class ServeClock:
         self.role = "unknown"
         self.released_at: float | None = None
         self.cache_install: tuple[float, float] | None = None  # (seconds, monotonic time of the verdict)
+        self.cache_ahead: float | None = None  # seconds the engine waited for its "ahead" verdict
         self.ready_at: float | None = None
         self.serving = asyncio.Event()
 
@@ -46,6 +49,11 @@ class ServeClock:
         if self.released_at is None:  # the engine asks while it builds the model, before its weights are released
             self.model = model
 
+    def cache_ahead_answered(self, seconds: float) -> None:
+        """The "ahead" verdict, which the engine waits for before it builds its config (before its weights)."""
+        if self.released_at is None and self.cache_ahead is None:
+            self.cache_ahead = seconds
+
     async def run(self) -> None:
         """Until the engine serves (cancel to stop waiting)."""
         await wait_ready(self.url, self.interval)
@@ -56,8 +64,10 @@ class ServeClock:
     def phases(self, t_ready: float) -> dict[str, float]:
         out: dict[str, float] = {}
         start_engine = self.t0
+        if self.cache_ahead is not None:
+            out["cache_ahead"] = self.cache_ahead
         if self.released_at is not None:
-            out["weights"] = self.released_at - self.t0
+            out["weights"] = self.released_at - self.t0 - (self.cache_ahead or 0.0)
             start_engine = self.released_at
         if self.cache_install is not None:
             out["cache_install"] = self.cache_install[0]

@@ -23,7 +23,7 @@ from runtime_hooks.compile_cache import (
     parse_key_file_name,
     unit_of,
 )
-from runtime_hooks.engines.vllm.compile_cache import UNITS
+from runtime_hooks.engines.vllm.compile_cache import AHEAD_FILES, UNITS, model_from_argv
 from sidecar.lab.embedded_redis import EmbeddedRedis
 from sidecar.lab.replica_procs import Proc
 from tests.test_end_to_end import _metric
@@ -63,6 +63,30 @@ def test_an_engine_that_stops_waiting_abandons_its_request_and_a_late_verdict_is
     assert ex.abandoned(req.token) and ex.pending_request() is None
     ex.answer(CacheVerdict(1, "other", "none", "", [], [], 0, 0.0, time.time()))
     assert ex.wait_verdict(req.token, 0.05) is None
+
+
+def test_the_model_asked_for_ahead_is_the_one_a_serve_or_model_argument_names_and_none_otherwise():
+    assert model_from_argv(["vllm", "serve", "Qwen/Qwen3-8B", "--load-format", "mx"]) == "Qwen/Qwen3-8B"
+    assert model_from_argv(["vllm", "serve", "--model", "/models/llama"]) == "/models/llama"
+    assert model_from_argv(["engine.py", "--tp", "2", "--model=/m"]) == "/m"
+    assert model_from_argv(["vllm", "serve", "--help"]) == ""
+    assert model_from_argv(["python", "-c", "from multiprocessing.spawn import spawn_main"]) == ""
+
+
+def test_a_request_without_a_stage_is_a_compile_request_and_an_unknown_stage_is_refused(tmp_path):
+    import msgspec
+
+    ex = Exchange(tmp_path)
+    req = ex.request(MODEL, KEY, UNITS)
+    raw = msgspec.json.decode((ex.dir / "request.json").read_bytes())
+    del raw["stage"], raw["only"]  # what a plugin of the release before writes
+    (ex.dir / "request.json").write_bytes(msgspec.json.encode(raw))
+    assert ex.pending_request() == req
+    (ex.dir / "request.json").write_bytes(msgspec.json.encode({**raw, "stage": "early"}))
+    with pytest.raises(ValueError, match="stage"):
+        ex.pending_request()
+    with pytest.raises(ValueError, match="file pattern"):
+        ex.request(MODEL, KEY, [], stage="ahead", only=["../etc/*"])
 
 
 # ---------------------------------------------------------------- through real processes
@@ -114,6 +138,17 @@ def _metrics(p: Proc) -> str:
     port = int(p.wait_for(r"metrics on http://[^:]+:(\d+)/metrics", 30).group(1))
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         return r.read().decode()
+
+
+AHEAD_KEY = {"vllm": KEY["vllm"], "torch": KEY["torch"]}
+
+
+def _ask_ahead(root: Path, key: dict[str, str] = AHEAD_KEY) -> CacheVerdict:
+    ex = Exchange(root)
+    req = ex.request(MODEL, key, [], stage="ahead", only=AHEAD_FILES)
+    v = ex.wait_verdict(req.token, 60)
+    assert v is not None, "no verdict"
+    return v
 
 
 def _ask(root: Path, key: dict[str, str] = KEY, wait: float = 60) -> CacheVerdict:
@@ -224,3 +259,54 @@ def test_a_cache_source_killed_before_the_receive_leaves_nothing_installed_and_t
     v = _ask(tgt, key)
     assert v.result == "failed" and "receive failed" in v.detail, v
     assert not (tgt / "torch_compile_cache").exists()
+
+
+def test_asked_ahead_only_modelinfos_install_and_the_compile_request_gets_the_rest_of_that_one_receive(fleet, source):
+    _, _, files = source
+    p, root = _sidecar(fleet, "ahead")
+    v = _ask_ahead(root)
+    assert v.result == "installed" and v.files == ["modelinfos/llama.json"], v
+    assert (root / "modelinfos/llama.json").read_bytes() == files["modelinfos/llama.json"]
+    assert not (root / "torch_compile_cache").exists(), "only what was asked for ahead installs ahead"
+    p.wait_for(r"phase=compile_cache_ahead .*installed.*kept for the engine's compile request", 10)
+    v = _ask(root)
+    assert v.result == "installed" and "received ahead" in v.detail, v
+    assert v.installed == [f"torch_compile_cache/torch_aot_compile/{HASH}"]
+    for rel, data in files.items():
+        assert (root / rel).read_bytes() == data, rel
+    assert not list((root / ".mx-exchange").glob("incoming-*")), "what was kept is used up"
+    (root.parent / "ready").touch()
+    p.wait_for(r"compile cache: hit", 30)
+    p.wait_for(r"the engine kept the 1 files installed ahead", 10)
+    text = _metrics(p)
+    assert _metric(text, "mx_compile_cache_ahead_total", model=MODEL, result="used") == 1
+    assert _metric(text, "mx_compile_cache_total", model=MODEL, result="hit") == 1
+    assert _metric(text, "mx_time_to_serve_phase_seconds", model=MODEL, phase="cache_ahead") > 0
+
+
+def test_asked_ahead_a_cache_of_another_config_gives_its_modelinfos_but_never_its_graphs(fleet, source):
+    _, root = _sidecar(fleet, "ahead-other-config")
+    assert _ask_ahead(root).result == "installed"
+    v = _ask(root, {**KEY, "config": "def456"})
+    assert v.result == "mismatch" and "config: ours def456, source abc123" in v.detail, v
+    assert not (root / "torch_compile_cache").exists()
+    assert not list((root / ".mx-exchange").glob("incoming-*")), "what was kept is dropped"
+
+
+def test_asked_ahead_a_cache_of_another_torch_installs_nothing(fleet, source):
+    p, root = _sidecar(fleet, "ahead-other-torch")
+    v = _ask_ahead(root, {**AHEAD_KEY, "torch": "2.99.0"})
+    assert v.result == "mismatch" and "torch: ours 2.99.0" in v.detail, v
+    assert not (root / "modelinfos").exists()
+    assert _metric(_metrics(p), "mx_compile_cache_ahead_total", model=MODEL, result="mismatch") == 1
+
+
+def test_modelinfos_installed_ahead_that_the_engine_writes_again_count_as_rewritten(fleet, source):
+    p, root = _sidecar(fleet, "ahead-rewritten")
+    assert _ask_ahead(root).result == "installed"
+    time.sleep(0.05)
+    (root / "modelinfos/llama.json").write_bytes(b'{"hash": "its own"}')  # vLLM: the module hash was not its own
+    (root.parent / "ready").touch()
+    p.wait_for(r"1 of the 1 files installed ahead were written again", 30)
+    assert _metric(_metrics(p), "mx_compile_cache_ahead_total", model=MODEL, result="rewritten") == 1
+    assert not list((root / ".mx-exchange").glob("incoming-*")), "no compile request came: what was kept is dropped"

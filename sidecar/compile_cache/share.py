@@ -18,7 +18,7 @@ from pathlib import Path
 
 from runtime_hooks.compile_cache import CacheRequest, CacheVerdict, Exchange
 from sidecar.compile_cache.child import CacheDaemon, cache_config
-from sidecar.compile_cache.fetch import fetch, install_units, make_verdict
+from sidecar.compile_cache.fetch import Held, fetch, install_units, make_verdict
 from sidecar.compile_cache.publish import CachePublication, cache_files, settle
 from sidecar.config import Config
 from sidecar.failpoints import Failpoints
@@ -39,8 +39,10 @@ class CacheShare:
         self.clock = clock  # None without MX_ENGINE_READY_URL: installs, never publishes
         self.root = Path(cfg.compile_cache_dir)
         self.ex = Exchange(self.root)
-        self.request: CacheRequest | None = None
+        self.request: CacheRequest | None = None  # the "compile" request (the engine's full key) and its verdict
         self.verdict: CacheVerdict | None = None
+        self.ahead: tuple[str, CacheVerdict] | None = None  # the "ahead" request's model and verdict
+        self.held: Held | None = None  # what the "ahead" receive kept for the "compile" request
         self._daemon = CacheDaemon(cfg)
         self.failpoints = Failpoints(cfg.test_failpoints)
         self._publication: CachePublication | None = None
@@ -62,6 +64,7 @@ class CacheShare:
             raise
         finally:
             answering.cancel()
+            self._drop_held()
             if self._publication is not None:
                 self.metrics.compile_cache_published.labels(self.model).set(0)
                 await asyncio.to_thread(self._publication.close)
@@ -93,22 +96,41 @@ class CacheShare:
             await asyncio.sleep(REQUEST_POLL_S)
 
     async def _answer(self, req: CacheRequest) -> None:
-        self.request = req
-        log.info("compile cache: the engine asks for %s with key %s", req.model,
-                 " ".join(f"{k}={v}" for k, v in sorted(req.key.items())))
+        if req.stage == "compile":
+            self.request = req
+        log.info("compile cache: the engine asks%s for %s with key %s", " ahead" if req.stage == "ahead" else "",
+                 req.model, " ".join(f"{k}={v}" for k, v in sorted(req.key.items())))
         t0 = time.monotonic()
+        held, self.held = self.held, None
         try:
-            verdict = await asyncio.to_thread(fetch, self.cfg, self.cache_cfg, req, self.ex, self.failpoints)
+            verdict, self.held = await asyncio.to_thread(fetch, self.cfg, self.cache_cfg, req, self.ex,
+                                                         self.failpoints, held)
         except Exception as e:  # an install that broke half-way: say so, never leave the engine waiting
             log.exception("compile cache: fetching failed")
+            if held is not None:
+                held.drop()
             verdict = make_verdict(req, "failed", f"{type(e).__name__}: {e}", t0)
         await asyncio.to_thread(self.ex.answer, verdict)
+        if req.stage == "ahead":
+            self.ahead = (req.model, verdict)
+            if self.clock is not None:
+                self.clock.cache_ahead_answered(verdict.seconds)
+            log.info("phase=compile_cache_ahead %.2fs: %s, %s%s", verdict.seconds, verdict.result, verdict.detail,
+                     "; the rest is kept for the engine's compile request" if self.held else "")
+            if verdict.result != "installed":  # installed: used or rewritten once the engine serves
+                self.metrics.compile_cache_ahead.labels(req.model, verdict.result).inc()
+            return
         self.verdict = verdict
         if self.clock is not None:  # the engine waited for this verdict, whatever it says
             self.clock.cache_answered(req.model, verdict.seconds, time.monotonic())
         log.info("phase=compile_cache %.2fs: %s, %s", verdict.seconds, verdict.result, verdict.detail)
         if verdict.result != "installed":  # installed: hit or miss once the engine serves
             self.metrics.compile_cache.labels(req.model, verdict.result).inc()
+
+    def _drop_held(self) -> None:
+        if self.held is not None:
+            self.held.drop()
+            self.held = None
 
     # ------------------------------------------------------------------ once the engine serves
     async def _after_ready(self) -> None:
@@ -118,6 +140,8 @@ class CacheShare:
             return
         await self.clock.serving.wait()
         t_ready = self.clock.ready_at or time.monotonic()
+        self._drop_held()  # the engine serves: it asked for its compile cache already, or never will
+        await asyncio.to_thread(self._judge_ahead)
         await asyncio.to_thread(self._judge_install)
         if self.request is None:
             log.info("compile cache: the engine asked for none (it does not compile, or its plugin is off): "
@@ -163,6 +187,21 @@ class CacheShare:
                         len(new), len(ours), new[0])
         else:
             log.info("compile cache: hit: the engine compiled nothing beside the %d installed files", len(ours))
+
+
+    def _judge_ahead(self) -> None:
+        """Installed ahead, then: used when the engine kept every file (vLLM rewrites a modelinfos file whose module
+        hash is not its own), rewritten otherwise."""
+        if self.ahead is None or self.ahead[1].result != "installed":
+            return
+        model, v = self.ahead
+        rewritten = sorted(p for p in v.files if _newer(self.root / p, v.at))
+        self.metrics.compile_cache_ahead.labels(model, "rewritten" if rewritten else "used").inc()
+        if rewritten:
+            log.warning("compile cache: %d of the %d files installed ahead were written again by the engine (e.g. "
+                        "%s): they did not fit its code", len(rewritten), len(v.files), rewritten[0])
+        else:
+            log.info("compile cache: the engine kept the %d files installed ahead", len(v.files))
 
 
 def _newer(path: Path, since: float) -> bool:

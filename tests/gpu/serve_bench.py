@@ -210,13 +210,14 @@ def merge(paths: list[str], out: str) -> None:
 def table(path: str) -> str:
     """The medians of a gpu_serve.json as the markdown table of docs/BENCHMARKS.md."""
     run = json.loads(Path(path).read_text())
-    lines = ["| start | n | first token (s) | x warm | weights | cache install | engine (release to ready) | "
-             "vLLM init engine | vLLM model load |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| start | n | first token (s) | x warm | cache ahead | weights | cache install | "
+             "engine (release to ready) | vLLM init engine | vLLM model load |", "|---" * 10 + "|"]
     for kind, m in run["medians"].items():
         def cell(k: str, m: dict[str, Any] = m) -> str:
             return f"{m[k]:.2f}" if k in m else "-"
         lines.append(f"| {kind} | {m['n']} | {m['first_token_s']:.2f} | {m.get('x_warm', 0):.2f}x | "
-                     f"{cell('phase_weights_s')} | {cell('phase_cache_install_s')} | {cell('phase_engine_s')} | "
+                     f"{cell('phase_cache_ahead_s')} | {cell('phase_weights_s')} | {cell('phase_cache_install_s')} | "
+                     f"{cell('phase_engine_s')} | "
                      f"{cell('vllm_init_engine_s')} | {cell('vllm_model_load_s')} |")
     return "\n".join(lines)
 

@@ -1,7 +1,7 @@
 """vLLM's compile cache travels beside the weights (real vLLM CPU with torch.compile, real sidecars and Redis):
-a target installs the source's cache before vLLM compiles and vLLM loads it instead of compiling; its tokens are
-plain vLLM's. The refusal paths (another key, no deployment key, an engine that stopped waiting) are covered
-through real sidecars in tests/test_compile_cache.py."""
+a target installs the source's modelinfos/ before vLLM inspects the model class and its cache before vLLM compiles,
+and vLLM loads them instead of inspecting and compiling; its tokens are plain vLLM's. The refusal paths (another key,
+no deployment key, an engine that stopped waiting) are covered through real sidecars in tests/test_compile_cache.py."""
 
 from __future__ import annotations
 
@@ -74,8 +74,15 @@ def test_a_target_installs_the_sources_compile_cache_before_vllm_compiles_and_th
     assert tgt.outcomes(tgt_out) == ["received"]
     assert tgt_out["tokens"] == src_out["tokens"] == plain_out["tokens"]
     assert tgt.sidecar is not None
-    tgt.sidecar.wait_for(r"phase=compile_cache .*installed", 10)
+    # Ahead, before vLLM built its config: the source's modelinfos/ (vLLM's model-class inspection), which vLLM kept
+    # (it rewrites one whose module hash is not its own); the graphs came with that one receive. (vLLM 0.32 sets up
+    # its logging after plugins load: the engine's own line about it is lost in the first process.)
+    tgt.sidecar.wait_for(r"phase=compile_cache_ahead .*installed", 10)
+    tgt.sidecar.wait_for(r"phase=compile_cache .*installed.*received ahead", 10)
     tgt.engine.wait_for(r"mx: compile cache installed", 10)
+    assert sorted(p.name for p in (tgt_root / "modelinfos").iterdir()) == \
+        sorted(p.name for p in (src_root / "modelinfos").iterdir())
+    tgt.sidecar.wait_for(r"compile cache: the engine kept the \d+ files installed ahead", 60)
     aot = "torch_compile_cache/torch_aot_compile"
     src_dirs = {p.name for p in (src_root / aot).iterdir()} if (src_root / aot).is_dir() else set()
     assert src_dirs <= {p.name for p in (tgt_root / aot).iterdir()}, "the source's graphs are in the target's root"

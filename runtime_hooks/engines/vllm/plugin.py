@@ -146,6 +146,25 @@ def register() -> None:
     else:
         log.warning("mx: load format %r is held by %s.%s (ModelExpress?), left to it: use --load-format %s",
                     ALIAS, holder.__module__, holder.__qualname__, LOAD_FORMAT)
+    _ask_ahead()
+
+
+def _ask_ahead() -> None:
+    """In the process vLLM starts first (API server, LLM): what it reads before it builds its config, while nothing
+    else has begun (runtime_hooks/engines/vllm/compile_cache.ask_ahead). Never fatal."""
+    import multiprocessing
+    import sys
+
+    if multiprocessing.parent_process() is not None:  # engine core, workers: the first process asked already
+        return
+    from runtime_hooks.engines.vllm.compile_cache import ask_ahead
+    from sidecar.config import Config
+
+    try:
+        cfg = Config.from_env()
+        ask_ahead(cfg.compile_cache_dir, cfg.compile_cache_wait, sys.argv)
+    except Exception as e:
+        log.warning("mx: nothing asked for ahead (%s: %s); vLLM inspects the model itself", type(e).__name__, e)
 
 
 def _route_logs_to_vllm() -> None:
