@@ -330,7 +330,8 @@ class Settings:
         "empty: neither.")
     compile_cache_wait: float = setting("MX_COMPILE_CACHE_WAIT", 30.0, _positive_seconds,
         "Engine hook: seconds the engine waits, after its weights, for the sidecar's compile cache verdict (one "
-        "look for a live cache of its key, the receive, the install) before it compiles on its own.")
+        "look for a live cache of its key, the receive, the install) before it compiles on its own; also the first "
+        "process's wait, before vLLM builds its config, for modelinfos/ asked for ahead.")
     compile_cache_settle: float = setting("MX_COMPILE_CACHE_SETTLE", 10.0, _positive_seconds,
         "Seconds the cache root must stay unchanged, after the engine serves, before its cache is published.")
     # TensorRT-LLM checkpoints and model directories, file level (runtime_hooks/engines/trtllm, runtime_hooks/files).
