@@ -24,6 +24,7 @@ import pytest
 import redis
 import yaml
 
+from runtime_hooks.engines.vllm.compile_cache import model_from_argv
 from sidecar.config import Config
 from sidecar.contract.auth import Keyring
 from sidecar.contract.codec import PROTOCOL_VERSION
@@ -223,6 +224,8 @@ def test_vllm_pods_share_the_compile_cache_root_and_the_sidecar_watches_the_engi
     assert not any(m.get("readOnly") for c in (side, eng) for m in c["volumeMounts"] if m["name"] == shared[0])
     port = next(p["containerPort"] for p in eng["ports"] if p["name"] == "http")
     assert env_s["MX_ENGINE_READY_URL"] == f"http://127.0.0.1:{port}{eng['readinessProbe']['httpGet']['path']}"
+    argv = [*eng.get("command", []), *eng.get("args", [])]
+    assert model_from_argv(argv), f"the plugin finds no model in {argv}: modelinfos/ are not asked for ahead"
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
