@@ -85,11 +85,16 @@ def _check_key(key: Mapping[str, str]) -> None:
             raise ValueError(f"cache key field {k!r}={v!r}: names are [a-z0-9_], values strings of <= 64 chars")
 
 
+def _spelled(value: str) -> str:
+    """A key value as a key file's name spells it."""
+    return _UNSAFE.sub("_", value) or "_"
+
+
 def key_file_name(key: Mapping[str, str]) -> str:
     """`mx-cache-key/arch=sm_90+config=1a2b...+torch=2.11.0+vllm=0.26.0.json`: fields sorted, unsafe characters
     replaced (the JSON inside holds the exact values)."""
     _check_key(key)
-    name = "+".join(f"{k}={_UNSAFE.sub('_', key[k]) or '_'}" for k in sorted(key))
+    name = "+".join(f"{k}={_spelled(key[k])}" for k in sorted(key))
     return f"{KEY_DIR}/{name}.json"
 
 
@@ -124,7 +129,7 @@ def wanted(path: str, only: list[str]) -> bool:
 def key_covers(theirs: Mapping[str, str], ours: Mapping[str, str]) -> bool:
     """A source's key (as its key file spells it) agrees with every field of `ours`: what an "ahead" request, which
     knows only some fields, matches on."""
-    return all(theirs.get(k) == (_UNSAFE.sub("_", v) or "_") for k, v in ours.items())
+    return all(theirs.get(k) == _spelled(v) for k, v in ours.items())
 
 
 def unit_of(path: str, units: list[str]) -> str:

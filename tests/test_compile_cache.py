@@ -18,6 +18,7 @@ import pytest
 from runtime_hooks.compile_cache import (
     CacheVerdict,
     Exchange,
+    Stage,
     key_differences,
     key_file_name,
     parse_key_file_name,
@@ -144,16 +145,13 @@ AHEAD_KEY = {"vllm": KEY["vllm"], "torch": KEY["torch"]}
 
 
 def _ask_ahead(root: Path, key: dict[str, str] = AHEAD_KEY) -> CacheVerdict:
-    ex = Exchange(root)
-    req = ex.request(MODEL, key, [], stage="ahead", only=AHEAD_FILES)
-    v = ex.wait_verdict(req.token, 60)
-    assert v is not None, "no verdict"
-    return v
+    return _ask(root, key, units=[], stage="ahead", only=AHEAD_FILES)
 
 
-def _ask(root: Path, key: dict[str, str] = KEY, wait: float = 60) -> CacheVerdict:
+def _ask(root: Path, key: dict[str, str] = KEY, wait: float = 60, units: list[str] = UNITS,
+         stage: Stage = "compile", only: list[str] | None = None) -> CacheVerdict:
     ex = Exchange(root)
-    req = ex.request(MODEL, key, UNITS)
+    req = ex.request(MODEL, key, units, stage, only)
     v = ex.wait_verdict(req.token, wait)
     assert v is not None, "no verdict"
     return v

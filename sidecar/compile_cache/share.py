@@ -188,7 +188,6 @@ class CacheShare:
         else:
             log.info("compile cache: hit: the engine compiled nothing beside the %d installed files", len(ours))
 
-
     def _judge_ahead(self) -> None:
         """Installed ahead, then: used when the engine kept every file (vLLM rewrites a modelinfos file whose module
         hash is not its own), rewritten otherwise."""
