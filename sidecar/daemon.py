@@ -263,7 +263,7 @@ class Daemon:
             self._no_verdict = True
             fence = exit_code(FenceError("unfenced"))
             self._exit_code = fence if self.lost is not None else (self._exit_code or fence)
-        if p.engine.links and not self._released and not self._no_verdict and self.lost is None:
+        if p.engine.heard() and not self._released and not self._no_verdict and self.lost is None:
             # Stopped mid-way (SIGTERM, fatal error) with every READ fenced: whatever landed is void. The hook
             # goes back to waiting, so a restarted sidecar starts over and a dead one times out into storage.
             await p.engine.try_all("abort", 2.0)

@@ -109,10 +109,16 @@ class EngineRanks:
         except EngineError as e:
             raise FatalError(str(e)) from e
 
+    def heard(self) -> list[EngineLink]:
+        """The ranks that ever answered this session: only they can hold state of ours."""
+        return [lk for lk in self.links if lk.last_reply is not None]
+
     async def try_all(self, op: str, timeout: float) -> bool:
-        """Best effort (shutdown): True when every rank accepted `op`."""
+        """Best effort (shutdown), to the ranks that answered: True when each of them accepted `op`. A rank that
+        never answered got no request but pings (connect waits for every rank first) and is not waited for:
+        measured, every stop of a sidecar whose engine never came up waited the whole `timeout` for it."""
         with contextlib.suppress(EngineError, TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*(lk.request(op, timeout) for lk in self.links)),  # type: ignore
+            await asyncio.wait_for(asyncio.gather(*(lk.request(op, timeout) for lk in self.heard())),  # type: ignore
                                    timeout + 1)
             return True
         return False

@@ -112,3 +112,36 @@ def test_with_mx_log_format_json_every_line_of_a_target_parses_and_carries_the_t
     assert phases["transfer"]["role"] == "target" and phases["transfer"]["rank"] in (0, 1)
     assert isinstance(phases["release"]["phase_s"], float) and phases["release"]["model"] == "toy-llama"
     assert not any(d["msg"].startswith("[") for d in docs), "the prefix became fields"
+
+
+def test_a_sidecar_stopped_before_its_engine_ever_answered_sends_it_no_abort_and_exits_cleanly(redis_server, work):
+    """Measured before: every such stop (a pod deleted while its engine still loads, each compile cache's own sidecar)
+    sent `abort` to the silent socket and waited 2 s for an answer that could not come."""
+    import os
+    import sys
+
+    import zmq
+
+    from sidecar.lab.replica_procs import Proc
+    from tests.faults import FAST_ENV
+
+    ctx = zmq.Context()
+    hook = ctx.socket(zmq.ROUTER)  # where the engine's rank 0 will be: it reads, it never answers
+    hook.bind(f"ipc://{work}/silent-0.sock")
+    env = {**os.environ, **FAST_ENV, "MX_ZMQ_ADDRESS": f"ipc://{work}/silent.sock", "MX_REDIS_URL": redis_server.url,
+           "MX_METRICS_PORT": "0", "MX_METRICS_HOST": "127.0.0.1", "PYTHONUNBUFFERED": "1"}
+    p = Proc("silent-sidecar", [sys.executable, "-m", "sidecar", "run"], env, work)
+    try:
+        assert hook.poll(30_000), "the sidecar never pinged"
+        heard = [hook.recv_multipart()[-1]]
+        p.signal(signal.SIGTERM)
+        assert p.p.wait(15) == 0, "\n".join(p.lines[-20:])
+        while hook.poll(200):
+            heard.append(hook.recv_multipart()[-1])
+        assert all(b"ping" in m for m in heard), heard
+        assert not [m for m in heard if b"abort" in m]
+        p.wait_for(r"stopped$", 5)
+    finally:
+        p.stop()
+        hook.close(0)
+        ctx.term()
