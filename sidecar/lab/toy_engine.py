@@ -247,14 +247,32 @@ def main(argv: list[str] | None = None) -> int:
     engine = _ToyEngine(args, meta["mx_toy"], meta["dtype"])
     torch.set_num_threads(1)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    woken = threading.Event()  # SIGTERM, or every rank done
+
+    def on_term(*_: object) -> None:
+        stop.set()
+        woken.set()
+
+    signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGUSR1, engine.update_weights)
     signal.signal(signal.SIGUSR2, engine.recheck)
-    threads = [threading.Thread(target=engine.serve_rank, args=(r,)) for r in range(args.tp)]
+    threads = [threading.Thread(target=engine.serve_rank, args=(r,), daemon=True) for r in range(args.tp)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
+
+    def join_ranks() -> None:
+        for t in threads:
+            t.join()
+        woken.set()
+
+    threading.Thread(target=join_ranks, daemon=True).start()
+    woken.wait()
+    if any(t.is_alive() for t in threads):
+        # SIGTERM while ranks still wait for their sidecar: leave now, as a killed engine does (its hooks' sockets
+        # belong to the rank threads). Before, the process sat out MX_SIDECAR_TIMEOUT and every test paid 10 s for
+        # the harness's kill.
+        sys.stdout.flush()
+        os._exit(128 + signal.SIGTERM)
     if engine.failed.is_set():
         return 1
     if not args.exit_after_ready:
