@@ -4,10 +4,16 @@ in the same process (no exit, no crash-loop back-off)."""
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import time
 
+import zmq
+
 from sidecar.lab.fallback_memory import measure
+from sidecar.lab.replica_procs import Proc
+from tests.faults import FAST_ENV
 from tests.test_end_to_end import _metric, _sources
 
 SERVING = r"serving as a source"
@@ -117,14 +123,6 @@ def test_with_mx_log_format_json_every_line_of_a_target_parses_and_carries_the_t
 def test_a_sidecar_stopped_before_its_engine_ever_answered_sends_it_no_abort_and_exits_cleanly(redis_server, work):
     """Measured before: every such stop (a pod deleted while its engine still loads, each compile cache's own sidecar)
     sent `abort` to the silent socket and waited 2 s for an answer that could not come."""
-    import os
-    import sys
-
-    import zmq
-
-    from sidecar.lab.replica_procs import Proc
-    from tests.faults import FAST_ENV
-
     ctx = zmq.Context()
     hook = ctx.socket(zmq.ROUTER)  # where the engine's rank 0 will be: it reads, it never answers
     hook.bind(f"ipc://{work}/silent-0.sock")
